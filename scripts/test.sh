@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install everything the tests need (postfix, dovecot, MariaDB, Python packages) and run the
+# whole suite: unit, in-memory Twisted, and integration tests against a real postfix + dovecot
+# + MariaDB that the tests start on loopback. Extra arguments go to pytest.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$ROOT/scripts/bootstrap.sh"
+apt_install postfix postfix-mysql dovecot-core dovecot-mysql openssl
+bash "$ROOT/scripts/mariadb.sh" ensure
+ensure_venv "[test]"
+cd "$ROOT"
+exec "$VENV/bin/python" -m pytest "$@"

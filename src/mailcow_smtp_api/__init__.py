@@ -1,0 +1,1 @@
+"""mailcow-smtp-api: an HTTP send API beside postfix-mailcow."""

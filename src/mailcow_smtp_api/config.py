@@ -1,0 +1,218 @@
+"""The operator's configuration: built once from options and environment, validated, then frozen.
+
+Every option ``--name`` can also be given as the environment variable ``SMTPAPI_NAME`` (upper case,
+dashes as underscores); the command line wins. Pure core.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+
+import attrs
+
+from .model import SmtpTarget
+
+DEFAULT_PORTS = (25, 465, 587, 588)
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+
+
+class ConfigError(ValueError):
+    """A bad option value; the message is one line saying which option and why."""
+
+
+@attrs.frozen
+class Config:
+    """Validated settings of one sidecar process."""
+
+    listen: str = "tcp:8080:interface=127.0.0.1"
+    db: str = "sqlite:smtpapi.sqlite"
+    smtp_host: str = "postfix-mailcow"
+    smtp_port: int = 587
+    smtp_allow: frozenset[tuple[str, int]] = frozenset()
+    smtp_ca: str | None = None
+    smtp_tls_name: str | None = None
+    smtp_tls_verify: bool = True
+    smtp_timeout: float = 30.0
+    max_request_bytes: int = 30 * 1024 * 1024
+    max_recipients: int = 100
+    max_attachments: int = 50
+    trusted_proxies: tuple[str, ...] = ()
+
+    @property
+    def default_target(self) -> SmtpTarget:
+        """Where a request that names no smtp_host/smtp_port goes."""
+        return SmtpTarget(self.smtp_host, self.smtp_port)
+
+    def target_allowed(self, target: SmtpTarget) -> bool:
+        """True when the operator allows submissions to ``target`` (exact host and port)."""
+        return (target.host.lower(), target.port) in self.smtp_allow
+
+
+# option name -> default as text, used by the twistd Options and by ``from_options``.
+_DEFAULTS = Config()
+OPTION_DEFAULTS: dict[str, str | None] = {
+    "listen": _DEFAULTS.listen,
+    "db": None,  # None: SMTPAPI_DB, then mailcow's DBHOST/DBUSER/DBPASS/DBNAME, then sqlite:smtpapi.sqlite
+    "smtp-host": _DEFAULTS.smtp_host,
+    "smtp-port": str(_DEFAULTS.smtp_port),
+    "smtp-allow": None,  # None: the default host on ports 25, 465, 587, 588
+    "smtp-ca": None,
+    "smtp-tls-name": None,
+    "smtp-timeout": str(_DEFAULTS.smtp_timeout),
+    "max-request-bytes": str(_DEFAULTS.max_request_bytes),
+    "max-recipients": str(_DEFAULTS.max_recipients),
+    "max-attachments": str(_DEFAULTS.max_attachments),
+    "trusted-proxies": "",
+}
+FLAGS = ("smtp-tls-no-verify",)
+
+
+def env_name(option: str) -> str:
+    """``smtp-host`` -> ``SMTPAPI_SMTP_HOST``."""
+    return "SMTPAPI_" + option.upper().replace("-", "_")
+
+
+def _host(value: str, option: str) -> str:
+    value = value.strip().lower()
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not _HOST.fullmatch(value) or len(value) > 253:
+        raise ConfigError(f"--{option}: {value!r} is not a host name or IP address")
+    return value.rstrip(".")
+
+
+def _int(value: str, option: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"--{option}: {value!r} is not a whole number") from None
+    if not low <= number <= high:
+        raise ConfigError(f"--{option}: {number} is outside {low}..{high}")
+    return number
+
+
+def _float(value: str, option: str, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"--{option}: {value!r} is not a number") from None
+    if not low <= number <= high:
+        raise ConfigError(f"--{option}: {number} is outside {low}..{high}")
+    return number
+
+
+def parse_allow(value: str | None, default_host: str) -> frozenset[tuple[str, int]]:
+    """``host[:port]`` entries separated by commas or spaces; a bare host means ports 25, 465, 587, 588.
+
+    IPv6 addresses with a port are written ``[::1]:587``.
+    """
+    if value is None or not value.strip():
+        return frozenset((default_host, port) for port in DEFAULT_PORTS)
+    allowed: set[tuple[str, int]] = set()
+    for entry in re.split(r"[,\s]+", value.strip()):
+        if not entry:
+            continue
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", entry)
+        if match:
+            host, port_text = match.group(1), match.group(2)
+        elif entry.count(":") == 1:
+            host, port_text = entry.split(":")
+        else:
+            host, port_text = entry, None
+        host = _host(host, "smtp-allow")
+        if port_text is None:
+            allowed.update((host, port) for port in DEFAULT_PORTS)
+        else:
+            allowed.add((host, _int(port_text, "smtp-allow", 1, 65535)))
+    return frozenset(allowed)
+
+
+def parse_networks(value: str, option: str) -> tuple[str, ...]:
+    """IP addresses or CIDR networks separated by commas or spaces, normalised."""
+    out: list[str] = []
+    for entry in re.split(r"[,\s]+", value.strip()):
+        if not entry:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(entry, strict=False)))
+        except ValueError:
+            raise ConfigError(f"--{option}: {entry!r} is not an IP address or network") from None
+    return tuple(out)
+
+
+def mailcow_db_url(environ: Mapping[str, str]) -> str | None:
+    """A MariaDB URL from mailcow.conf's DBHOST/DBUSER/DBPASS/DBNAME, or None when DBNAME is unset."""
+    from urllib.parse import quote
+
+    name = environ.get("DBNAME")
+    if not name:
+        return None
+    user = quote(environ.get("DBUSER", "mailcow"), safe="")
+    password = quote(environ.get("DBPASS", ""), safe="")
+    host = environ.get("DBHOST", "mysql-mailcow")
+    auth = f"{user}:{password}" if password else user
+    return f"mysql://{auth}@{host}:3306/{quote(name, safe='')}"
+
+
+def resolve_text(options: Mapping[str, object], environ: Mapping[str, str]) -> dict[str, str | None]:
+    """Each option's text: command line first, then SMTPAPI_* in the environment, then the default."""
+    out: dict[str, str | None] = {}
+    for name, default in OPTION_DEFAULTS.items():
+        given = options.get(name)
+        if given is not None:
+            out[name] = str(given)
+        else:
+            out[name] = environ.get(env_name(name), default)
+    if out["db"] is None:
+        out["db"] = mailcow_db_url(environ) or "sqlite:smtpapi.sqlite"
+    return out
+
+
+def _flag(options: Mapping[str, object], environ: Mapping[str, str], name: str) -> bool:
+    if options.get(name):
+        return True
+    return environ.get(env_name(name), "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def from_options(options: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Config:
+    """Build and validate the configuration; raise ConfigError with a one-line reason."""
+    environ = os.environ if environ is None else environ
+    text = resolve_text(options, environ)
+    smtp_host = _host(text["smtp-host"] or "", "smtp-host")
+    smtp_port = _int(text["smtp-port"] or "", "smtp-port", 1, 65535)
+    allow = parse_allow(text["smtp-allow"], smtp_host)
+    if (smtp_host, smtp_port) not in allow:
+        raise ConfigError(f"--smtp-allow must include the default target {smtp_host}:{smtp_port}")
+    ca = text["smtp-ca"] or None
+    if ca is not None and not os.path.isfile(ca):
+        raise ConfigError(f"--smtp-ca: no such file {ca!r}")
+    tls_name = text["smtp-tls-name"] or None
+    if tls_name is not None:
+        tls_name = _host(tls_name, "smtp-tls-name")
+    db = (text["db"] or "").strip()
+    if not (db.startswith("sqlite:") or db.startswith("mysql://")):
+        raise ConfigError("--db must be sqlite:PATH or mysql://USER:PASS@HOST:PORT/NAME")
+    listen = (text["listen"] or "").strip()
+    if not listen:
+        raise ConfigError("--listen must be a Twisted endpoint description such as tcp:8080")
+    return Config(
+        listen=listen,
+        db=db,
+        smtp_host=smtp_host,
+        smtp_port=smtp_port,
+        smtp_allow=allow,
+        smtp_ca=ca,
+        smtp_tls_name=tls_name,
+        smtp_tls_verify=not _flag(options, environ, "smtp-tls-no-verify"),
+        smtp_timeout=_float(text["smtp-timeout"] or "", "smtp-timeout", 1.0, 3600.0),
+        max_request_bytes=_int(text["max-request-bytes"] or "", "max-request-bytes", 1024, 1024**3),
+        max_recipients=_int(text["max-recipients"] or "", "max-recipients", 1, 10000),
+        max_attachments=_int(text["max-attachments"] or "", "max-attachments", 0, 10000),
+        trusted_proxies=parse_networks(text["trusted-proxies"] or "", "trusted-proxies"),
+    )

@@ -1,0 +1,210 @@
+"""Errors are data: every failure a client can see has a stable code and an HTTP status.
+
+This module also holds ``SmtpFailure`` (what went wrong talking to postfix) and the one table that
+turns it into an ``ApiError``. Pure core: no Twisted.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+
+# code -> (HTTP status, message telling the caller what to fix)
+CODES: dict[str, tuple[int, str]] = {
+    # request shape
+    "smtp_invalid_json": (400, "the request body is not a JSON object"),
+    "smtp_unsupported_media_type": (415, "send the body as Content-Type: application/json"),
+    "smtp_unknown_field": (400, "the request has a field this API does not know"),
+    "smtp_invalid_field": (400, "a field has the wrong type or an invalid value"),
+    "smtp_request_too_large": (413, "the request body is larger than the server accepts"),
+    # send-api.md codes
+    "smtp_invalid_from": (400, "'from' must be one valid email address"),
+    "smtp_auth_required": (400, "a mailbox password is required ('password' or 'app_password')"),
+    "smtp_unauthorized_sender": (403, "this mailbox may not send as the 'from' address"),
+    "smtp_missing_recipients": (400, "'to' must list at least one recipient"),
+    "smtp_invalid_recipient": (400, "a 'to' entry is not a valid email address"),
+    "smtp_empty_subject": (400, "'subject' must not be empty"),
+    "smtp_empty_body": (400, "'body' or 'html_body' must not be empty"),
+    "smtp_invalid_cc": (400, "a 'cc' entry is not a valid email address"),
+    "smtp_invalid_bcc": (400, "a 'bcc' entry is not a valid email address"),
+    "smtp_invalid_reply_to": (400, "'reply_to' must be one valid email address"),
+    "smtp_invalid_attachment": (400, "an attachment needs a safe file name, strict base64 content and a valid MIME type"),
+    "smtp_error": (502, "the SMTP server did not accept the message"),
+    # added by this service
+    "smtp_invalid_subject": (400, "'subject' must not contain line breaks or control characters"),
+    "smtp_invalid_smtp_user": (400, "'smtp_user' must be a mailbox address"),
+    "smtp_too_many_recipients": (400, "too many recipients in one request"),
+    "smtp_too_many_attachments": (400, "too many attachments in one request"),
+    "smtp_host_not_allowed": (403, "this smtp_host/smtp_port is not in the server's allow list (--smtp-allow)"),
+    "smtp_port25_unavailable": (403, "port 25 needs the server to verify mailbox passwords itself; use port 587 or 465"),
+    "smtp_auth_failed": (403, "the mailbox login or password was refused"),
+    "smtp_local_auth_unsupported": (403, "this mailbox cannot be verified locally; use port 587 or 465"),
+    "smtp_partially_sent": (200, "some recipients were refused; the message went to the others"),
+    "smtp_too_many_failures": (429, "too many failed attempts from this address; wait and try again"),
+    "smtp_db_unavailable": (503, "mailcow's database cannot be reached; try again shortly"),
+    "smtp_internal_error": (500, "an unexpected error occurred; the request id is in the log"),
+    "not_found": (404, "no such route"),
+    "method_not_allowed": (405, "this route does not accept that method"),
+}
+
+# mailcow answers API-key failures with one bare object, not a list (mailcow.md section 3).
+API_AUTH_FAILED = "authentication failed"
+API_RW_DENIED = "API read/write access denied"
+
+
+def api_ip_denied(ip: str) -> str:
+    """mailcow's message for a key that may not be used from ``ip``."""
+    return f"api access denied for ip {ip}"
+
+
+@attrs.define(auto_exc=True, eq=False)
+class ApiError(Exception):
+    """A failure with a stable code, an HTTP status and a message for the caller.
+
+    ``bare`` errors render as mailcow's single ``{"type": "error", "msg": ...}`` object (API-key
+    failures); all others render as mailcow's list of ``{"type", "log", "msg"}`` objects.
+    """
+
+    code: str
+    status: int
+    message: str
+    field: str | None = None
+    detail: dict[str, Any] | None = None
+    retry_after: int | None = None
+    bare: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        code: str,
+        message: str | None = None,
+        *,
+        field: str | None = None,
+        detail: dict[str, Any] | None = None,
+        status: int | None = None,
+        retry_after: int | None = None,
+    ) -> ApiError:
+        """Build an error for a known ``code``; the table gives the status and default message."""
+        default_status, default_message = CODES[code]
+        return cls(
+            code=code,
+            status=status if status is not None else default_status,
+            message=message if message is not None else default_message,
+            field=field,
+            detail=detail,
+            retry_after=retry_after,
+        )
+
+    @classmethod
+    def mailcow(cls, status: int, msg: str) -> ApiError:
+        """An API-key failure worded and shaped exactly as mailcow's."""
+        return cls(code=msg, status=status, message=msg, bare=True)
+
+
+# --------------------------------------------------------------------------- SMTP outcomes
+
+PHASES = ("connect", "greeting", "ehlo", "starttls", "tls", "auth", "mail", "rcpt", "data", "message", "quit")
+
+
+@attrs.define(auto_exc=True, eq=False)
+class SmtpFailure(Exception):
+    """What went wrong while submitting.
+
+    kind:
+      - ``reply``: the server answered an error reply (``code``/``text``) in ``phase``
+      - ``connect``: no TCP connection (refused, unreachable, name not found)
+      - ``tls``: TLS handshake or certificate verification failed, or STARTTLS not offered
+      - ``timeout``: no answer within the timeout in ``phase``
+      - ``dropped``: the server closed the connection in ``phase``
+      - ``protocol``: the server said something that is not SMTP
+    phase is one of ``PHASES``; ``message`` means after the final ``.`` was sent.
+    ``recipients`` holds per-recipient replies when the failure is "all recipients refused".
+    ``text`` never contains anything the client sent (no AUTH data).
+    """
+
+    kind: str
+    phase: str
+    code: int | None = None
+    text: str = ""
+    reason: str = ""
+    recipients: tuple[Any, ...] = ()
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """True when the message may have been accepted: no reply to the final ``.``."""
+        return self.phase == "message" and self.kind in ("timeout", "dropped", "protocol")
+
+    def __str__(self) -> str:  # never the session transcript
+        code = f" {self.code}" if self.code is not None else ""
+        return f"SmtpFailure({self.kind} at {self.phase}{code})"
+
+
+_NOT_OWNED = re.compile(r"not owned by user|sender address rejected", re.IGNORECASE)
+RETRY_AFTER_SECONDS = 60
+
+
+def _detail(f: SmtpFailure) -> dict[str, Any]:
+    detail: dict[str, Any] = {"phase": f.phase, "reason": f.reason or f.kind}
+    if f.code is not None:
+        detail["smtp_code"] = f.code
+        detail["smtp_text"] = f.text
+    if f.recipients:
+        detail["recipients"] = [
+            {"address": r.address, "smtp_code": r.code, "smtp_text": r.text} for r in f.recipients
+        ]
+    return detail
+
+
+def _is_sender_mismatch(f: SmtpFailure) -> bool:
+    """postfix refuses a sender the login does not own with 553/554 5.7.1 at RCPT (smtpd_delay_reject)."""
+    if f.phase not in ("mail", "rcpt") or f.code not in (553, 554):
+        return False
+    texts = [f.text] + [getattr(r, "text", "") for r in f.recipients]
+    return any(_NOT_OWNED.search(t or "") for t in texts)
+
+
+def smtp_failure_to_api_error(f: SmtpFailure) -> ApiError:
+    """Map an SMTP failure to the API's answer (issue: 535 -> 403, sender mismatch -> 403, ...)."""
+    detail = _detail(f)
+    if f.kind == "reply" and f.code is not None:
+        if f.phase == "auth" and f.code >= 500:
+            return ApiError.of("smtp_auth_failed", detail=detail)
+        if _is_sender_mismatch(f):
+            return ApiError.of("smtp_unauthorized_sender", detail=detail)
+        if 400 <= f.code < 500:
+            return ApiError.of(
+                "smtp_error",
+                "the SMTP server refused the message for now; retry later",
+                status=503,
+                detail=detail,
+                retry_after=RETRY_AFTER_SECONDS,
+            )
+        return ApiError.of("smtp_error", "the SMTP server refused the message", status=502, detail=detail)
+    if f.outcome_unknown:
+        detail["outcome_unknown"] = True
+        return ApiError.of(
+            "smtp_error",
+            "no reply after the message was sent: it may have been delivered; check before sending again",
+            status=504,
+            detail=detail,
+        )
+    if f.kind == "timeout":
+        return ApiError.of("smtp_error", "the SMTP server did not answer in time", status=504, detail=detail)
+    if f.kind == "tls":
+        return ApiError.of(
+            "smtp_error",
+            "TLS with the SMTP server failed (certificate or name mismatch?); see --smtp-ca and --smtp-tls-name",
+            status=502,
+            detail=detail,
+        )
+    if f.kind == "protocol":
+        return ApiError.of("smtp_error", "the SMTP server answered something that is not SMTP", status=502, detail=detail)
+    return ApiError.of(
+        "smtp_error",
+        "the SMTP server cannot be reached; retry later",
+        status=503,
+        detail=detail,
+        retry_after=RETRY_AFTER_SECONDS,
+    )

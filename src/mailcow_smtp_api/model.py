@@ -1,0 +1,155 @@
+"""Frozen values that flow through a send: the parsed request, the envelope, the SMTP outcome.
+
+Pure core: stdlib and attrs only.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import attrs
+
+
+@attrs.frozen
+class Address:
+    """One mailbox address: ASCII local part, domain as the caller wrote it (Unicode allowed).
+
+    ``domain_ascii`` is the IDNA A-label form used on the wire (postfix offers no SMTPUTF8).
+    """
+
+    local: str
+    domain: str
+    domain_ascii: str
+    display_name: str = ""
+
+    @property
+    def addr_spec(self) -> str:
+        """The address as written in headers, with the Unicode domain."""
+        return f"{self.local}@{self.domain}"
+
+    @property
+    def wire(self) -> str:
+        """The address as sent in MAIL FROM / RCPT TO: ASCII only."""
+        return f"{self.local}@{self.domain_ascii}"
+
+
+@attrs.frozen
+class Attachment:
+    """A decoded attachment: a safe file name, its bytes and a ``type/subtype`` MIME type."""
+
+    filename: str
+    content: bytes = attrs.field(repr=False)
+    content_type: str = "application/octet-stream"
+
+
+class Security(str, Enum):
+    """How the SMTP connection is protected; chosen from the port."""
+
+    PLAIN = "plain"  # port 25: no TLS, no AUTH; the sidecar is the only gate
+    STARTTLS = "starttls"  # 587, 588 and any other port: STARTTLS required before AUTH
+    TLS = "tls"  # 465: implicit TLS from the first byte
+
+    @classmethod
+    def for_port(cls, port: int) -> Security:
+        """Pick the security mode mailcow's postfix uses on ``port``."""
+        if port == 25:
+            return cls.PLAIN
+        if port == 465:
+            return cls.TLS
+        return cls.STARTTLS
+
+
+@attrs.frozen
+class SmtpTarget:
+    """Where a message is submitted."""
+
+    host: str
+    port: int
+
+    @property
+    def security(self) -> Security:
+        """The security mode for this target's port."""
+        return Security.for_port(self.port)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class Credentials:
+    """A mailbox login and its password (or app password). The password never appears in repr."""
+
+    login: str
+    password: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class SendRequest:
+    """A validated send request. Built only by ``validate.parse_request``."""
+
+    sender: Address
+    to: tuple[Address, ...]
+    subject: str
+    body: str
+    cc: tuple[Address, ...] = ()
+    bcc: tuple[Address, ...] = ()
+    reply_to: Address | None = None
+    html_body: str = ""
+    attachments: tuple[Attachment, ...] = ()
+    smtp_host: str | None = None
+    smtp_port: int | None = None
+    login: str = ""
+    password: str | None = attrs.field(default=None, repr=False)
+
+    def recipients(self) -> tuple[Address, ...]:
+        """Every to/cc/bcc address once, first occurrence wins, compared case-insensitively."""
+        seen: set[str] = set()
+        out: list[Address] = []
+        for address in (*self.to, *self.cc, *self.bcc):
+            key = address.wire.lower()
+            if key not in seen:
+                seen.add(key)
+                out.append(address)
+        return tuple(out)
+
+
+@attrs.frozen
+class Envelope:
+    """The SMTP envelope: MAIL FROM and RCPT TO addresses, ASCII only."""
+
+    sender: str
+    recipients: tuple[str, ...]
+
+
+@attrs.frozen
+class RecipientResult:
+    """What the server answered to one RCPT TO."""
+
+    address: str
+    code: int
+    text: str
+
+    @property
+    def accepted(self) -> bool:
+        """True for a 2xx reply."""
+        return 200 <= self.code < 300
+
+
+@attrs.frozen
+class SubmitResult:
+    """A message the server accepted (its reply to the final ``.``) and each recipient's reply."""
+
+    code: int
+    text: str
+    recipients: tuple[RecipientResult, ...]
+    queue_id: str | None = None
+
+    @property
+    def accepted(self) -> tuple[RecipientResult, ...]:
+        """Recipients the server took."""
+        return tuple(r for r in self.recipients if r.accepted)
+
+    @property
+    def refused(self) -> tuple[RecipientResult, ...]:
+        """Recipients the server refused; the message was not sent to them."""
+        return tuple(r for r in self.recipients if not r.accepted)

@@ -1,0 +1,78 @@
+"""Response bodies in mailcow's shape: a JSON list of ``{"type", "log", "msg"}`` objects.
+
+``log`` never holds a password, a body or attachment content (mailcow masks keys containing
+``pass``; this service leaves them out entirely). Pure core.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ApiError
+from .model import SendRequest, SubmitResult
+
+
+def request_log(request: SendRequest | None, request_id: str) -> list[Any]:
+    """mailcow's ``log`` triple: function, action, and a summary of the request without secrets."""
+    summary: dict[str, Any] = {"request_id": request_id}
+    if request is not None:
+        summary.update(
+            {
+                "from": request.sender.wire,
+                "to": [a.wire for a in request.to],
+                "cc": [a.wire for a in request.cc],
+                "bcc_count": len(request.bcc),
+                "smtp_user": request.login,
+                "attachments": len(request.attachments),
+            }
+        )
+        if request.password is not None:
+            summary["password"] = "*"
+    return ["smtp_api", "send", summary]
+
+
+def _recipient_rows(result: SubmitResult) -> list[dict[str, Any]]:
+    return [{"address": r.address, "smtp_code": r.code, "smtp_text": r.text} for r in result.recipients]
+
+
+def success_body(
+    request: SendRequest, result: SubmitResult, message_id: str, request_id: str
+) -> list[dict[str, Any]]:
+    """200 body: ``msg`` is ``["smtp_mail_sent", from, "to1, to2"]``; partial acceptance says so."""
+    accepted = {r.address.lower() for r in result.accepted}
+    to_sent = ", ".join(a.wire for a in request.to if a.wire.lower() in accepted)
+    entry: dict[str, Any] = {
+        "type": "success",
+        "log": request_log(request, request_id),
+        "msg": ["smtp_mail_sent", request.sender.wire, to_sent],
+        "message_id": message_id,
+        "queue_id": result.queue_id,
+        "recipients": _recipient_rows(result),
+    }
+    if result.refused:
+        entry["type"] = "danger"
+        entry["msg"] = [
+            "smtp_partially_sent",
+            request.sender.wire,
+            ", ".join(r.address for r in result.accepted),
+            ", ".join(r.address for r in result.refused),
+        ]
+        entry["refused"] = [r.address for r in result.refused]
+    return [entry]
+
+
+def error_body(err: ApiError, request: SendRequest | None, request_id: str) -> Any:
+    """The body for an ``ApiError``: mailcow's bare object for key failures, else a one-item list."""
+    if err.bare:
+        return {"type": "error", "msg": err.message}
+    entry: dict[str, Any] = {
+        "type": "error",
+        "log": request_log(request, request_id),
+        "msg": err.code,
+        "message": err.message,
+    }
+    if err.field is not None:
+        entry["field"] = err.field
+    if err.detail:
+        entry["detail"] = err.detail
+    return [entry]

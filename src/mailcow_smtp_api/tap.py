@@ -1,0 +1,177 @@
+"""twistd wiring: ``twistd -n smtpapi [options]``. The only module that takes the global reactor."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from twisted.application import service as app_service
+from twisted.application import strports
+from twisted.application.service import IServiceMaker
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from .config import FLAGS, OPTION_DEFAULTS, Config, ConfigError, env_name, from_options
+
+log = Logger(namespace="smtpapi")
+
+_HELP = {
+    "listen": "Twisted endpoint to serve HTTP on, e.g. tcp:8080:interface=127.0.0.1 or "
+    "ssl:8443:privateKey=key.pem:certKey=cert.pem",
+    "db": "mailcow database: mysql://USER:PASS@HOST:PORT/NAME, mysql://USER:PASS@/NAME?unix_socket=PATH "
+    "or sqlite:PATH. Default: mailcow.conf's DBHOST/DBUSER/DBPASS/DBNAME when DBNAME is set, "
+    "else sqlite:smtpapi.sqlite",
+    "smtp-host": "postfix host used when a request names none",
+    "smtp-port": "postfix port used when a request names none (25 plain, 465 implicit TLS, others STARTTLS)",
+    "smtp-allow": "host[:port] entries (comma separated) a request may name in smtp_host/smtp_port; "
+    "a bare host allows ports 25, 465, 587, 588. Default: the --smtp-host on those ports",
+    "smtp-ca": "PEM file of CA certificates that verify postfix's certificate (default: system CAs)",
+    "smtp-tls-name": "name postfix's certificate must carry (default: the host connected to)",
+    "smtp-timeout": "seconds to wait for each SMTP step",
+    "max-request-bytes": "largest request body accepted (413 above)",
+    "max-recipients": "most recipients (to+cc+bcc) in one request",
+    "max-attachments": "most attachments in one request",
+    "trusted-proxies": "IPs/networks whose X-Forwarded-For is believed (e.g. mailcow's nginx); "
+    "default: none, the TCP peer is the client",
+}
+
+
+class Options(usage.Options):
+    """Command-line options; each also read from SMTPAPI_<OPTION> in the environment."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve POST /api/v1/send/email for mailcow: check the X-API-Key and the mailbox's right to send as "
+        "'from' in mailcow's database, then submit the message to postfix. Every option can also be set "
+        "as an environment variable SMTPAPI_<OPTION> (for example SMTPAPI_SMTP_HOST); the command line wins."
+    )
+    optParameters = [
+        [name, None, None, f"{_HELP[name]} [env {env_name(name)}" + (f"; default {default}]" if default else "]")]
+        for name, default in OPTION_DEFAULTS.items()
+    ]
+    optFlags = [
+        [
+            "smtp-tls-no-verify",
+            None,
+            "do NOT verify postfix's TLS certificate (insecure; logs a warning) [env SMTPAPI_SMTP_TLS_NO_VERIFY=1]",
+        ]
+    ]
+
+    config: Config
+
+    def postOptions(self) -> None:
+        """Validate everything once; a bad value stops the process with one line, not a traceback."""
+        given = {name: self[name] for name in OPTION_DEFAULTS}
+        given.update({name: self[name] for name in FLAGS})
+        try:
+            self.config = from_options(given)
+        except ConfigError as err:
+            raise SystemExit(f"smtpapi: {err}") from None
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def build_service(config: Config, reactor: Any) -> app_service.MultiService:
+    """Wire the database, SMTP client, throttle, service and HTTP site into one service tree."""
+    from .db import open_database
+    from .service import SendService
+    from .smtp import SmtpSubmitter, TlsSettings
+    from .throttle import Throttle
+    from .web import SmtpApi, request_factory
+
+    if not config.smtp_tls_verify:
+        log.warn("TLS certificate verification towards postfix is OFF (--smtp-tls-no-verify): insecure")
+    try:
+        database = open_database(config.db, reactor)
+    except ValueError as err:
+        raise SystemExit(f"smtpapi: --db: {err}") from None
+    submitter = SmtpSubmitter(
+        reactor,
+        TlsSettings(ca_file=config.smtp_ca, server_name=config.smtp_tls_name, verify=config.smtp_tls_verify),
+        timeout=config.smtp_timeout,
+    )
+    throttle = Throttle(clock=reactor.seconds)
+    send_service = SendService(
+        config=config,
+        keys=database,
+        senders=database,
+        submitter=submitter,
+        throttle=throttle,
+        now=_now,
+        new_token=lambda: secrets.token_hex(16),
+    )
+    api = SmtpApi(
+        service=send_service,
+        ready_checks=(("database", database.ping),),
+        trusted_proxies=config.trusted_proxies,
+        clock=reactor.seconds,
+    )
+    site = Site(api.resource())
+    site.requestFactory = request_factory(config.max_request_bytes)
+    site.displayTracebacks = False
+    top = app_service.MultiService()
+    SchemaCheck(database, reactor).setServiceParent(top)
+    strports.service(config.listen, site, reactor=reactor).setServiceParent(top)
+    return top
+
+
+class SchemaCheck(app_service.Service):
+    """At start-up, says clearly what the database lacks; stops the process when tables are missing."""
+
+    def __init__(self, database: Any, reactor: Any) -> None:
+        self.database = database
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        """Run the schema check once the reactor runs."""
+        super().startService()
+        d = self.database.check_schema()
+        d.addCallbacks(self._checked, self._unreachable)
+
+    def _checked(self, problems: list[str]) -> None:
+        if problems:
+            for problem in problems:
+                log.critical("database schema: {problem}", problem=problem)
+            log.critical("stopping: the database lacks what the service needs")
+            self.reactor.stop()
+        else:
+            log.info("database schema: ok")
+
+    def _unreachable(self, failure: Any) -> None:
+        # Not fatal: requests get smtp_db_unavailable until the database answers.
+        log.error("database not reachable at start-up; will keep trying per request")
+
+    def stopService(self) -> Any:
+        """Close the database pool."""
+        super().stopService()
+        self.database.close()
+
+
+@implementer(IServiceMaker, IPlugin)
+class SmtpApiServiceMaker:
+    """The ``smtpapi`` twistd plugin."""
+
+    tapname = "smtpapi"
+    description = "mailcow send API: POST /api/v1/send/email -> postfix"
+    options = Options
+
+    def makeService(self, options: Options) -> app_service.IService:
+        """Build the service tree with the running reactor."""
+        from twisted.internet import reactor
+
+        return build_service(options.config, reactor)
+
+
+def main() -> None:  # pragma: no cover - convenience for `python -m mailcow_smtp_api.tap`
+    """Run ``twistd -n smtpapi`` with this process's arguments."""
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "-n", "smtpapi", *sys.argv[1:]]
+    run()

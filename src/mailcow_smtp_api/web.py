@@ -1,0 +1,251 @@
+"""HTTP shell: Klein routes, request-body limits, rendering, one place for errors.
+
+A handler reads, calls the service, renders. Nothing here decides policy.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from .apikeys import client_address
+from .errors import ApiError
+from .model import SendRequest
+from .responses import error_body, success_body
+from .service import SendOutcome, SendService
+from .validate import ParsePolicy, parse_json, parse_request
+
+log = Logger(namespace="smtpapi")
+
+JSON = b"application/json"
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _error_response(err: ApiError, request_id: str) -> bytes:
+    """A complete raw HTTP response, for refusing a request before Twisted has buffered it."""
+    body = _json_bytes(error_body(err, None, request_id))
+    reason = {413: b"Payload Too Large"}.get(err.status, b"Error")
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"X-Request-Id: %s\r\nConnection: close\r\n\r\n%s"
+        % (err.status, reason, len(body), request_id.encode("ascii"), body)
+    )
+
+
+class LimitedRequest(server.Request):
+    """A request that refuses a body over ``max_body`` bytes before buffering it.
+
+    twisted.web has no body limit of its own: it would spool any size to a temporary file. The
+    declared Content-Length is checked as soon as the headers are in, and a chunked or
+    under-declared body is counted as it arrives; either way the client gets 413 and the
+    connection closes.
+    """
+
+    max_body = 30 * 1024 * 1024
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        """Refuse at once when the declared length is over the limit; else buffer as usual."""
+        if length is not None and length > self.max_body:
+            # Suppress Twisted's automatic "100 Continue": the client must not start uploading.
+            self.requestHeaders.removeHeader(b"expect")
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Count what arrives; past the limit, answer 413 and stop storing."""
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.max_body:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        import io
+
+        self._refused = True
+        self.content = io.BytesIO()
+        err = ApiError.of(
+            "smtp_request_too_large", f"the request body is larger than {self.max_body} bytes (--max-request-bytes)"
+        )
+        transport = self.channel.transport
+        transport.write(_error_response(err, secrets.token_hex(8)))
+        transport.loseConnection()
+
+    def process(self) -> None:
+        """A refused request is never dispatched to a route."""
+        if self._refused:
+            return
+        super().process()
+
+
+def request_factory(max_body: int) -> type[LimitedRequest]:
+    """A ``LimitedRequest`` class with the operator's limit."""
+    return type("ConfiguredRequest", (LimitedRequest,), {"max_body": max_body})
+
+
+def shield(d: Deferred[Any]) -> Deferred[Any]:
+    """A Deferred that follows ``d`` but whose cancellation does not cancel ``d``.
+
+    Klein cancels a handler's Deferred when the HTTP client goes away; an SMTP transaction in
+    flight must finish (or fail) on its own terms instead of being cut mid-DATA.
+    """
+    outer: Deferred[Any] = Deferred()
+
+    def forward(result: Any) -> None:
+        if not outer.called:
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+
+    d.addBoth(forward)
+    return outer
+
+
+@attrs.define
+class SmtpApi:
+    """The HTTP API. ``app`` is class-held, as Klein recommends for testable apps."""
+
+    service: SendService
+    ready_checks: tuple[tuple[str, Callable[[], Deferred[Any]]], ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    clock: Callable[[], float] = time.monotonic
+
+    app = Klein()
+
+    def resource(self) -> Any:
+        """The twisted.web resource serving this API."""
+        return self.app.resource()
+
+    def _client_ip(self, request: IRequest) -> str:
+        peer = request.getClientAddress()
+        peer_ip = getattr(peer, "host", "") or ""
+        forwarded = request.getHeader("x-forwarded-for")
+        return client_address(peer_ip, forwarded, self.trusted_proxies)
+
+    @app.route("/api/v1/send/email", methods=["POST"])
+    def send_email(self, request: IRequest) -> Deferred[bytes]:
+        """POST /api/v1/send/email: send one message."""
+        request_id = secrets.token_hex(8)
+        return shield(ensureDeferred(self._send(request, request_id)))
+
+    async def _send(self, request: IRequest, request_id: str) -> bytes:
+        started = self.clock()
+        client_ip = self._client_ip(request)
+        request.setHeader("X-Request-Id", request_id)
+        parsed: SendRequest | None = None
+        outcome: SendOutcome | None = None
+        status = 200
+        code = "smtp_mail_sent"
+        try:
+            await self.service.authenticate(request.getHeader("x-api-key"), client_ip)
+            parsed = self._parse(request)
+            outcome = await self.service.send(parsed, client_ip, request_id)
+            body: Any = success_body(parsed, outcome.result, outcome.message_id, request_id)
+            if outcome.result.refused:
+                code = "smtp_partially_sent"
+        except ApiError as err:
+            status, code = err.status, err.code
+            body = error_body(err, parsed, request_id)
+            if err.retry_after is not None:
+                request.setHeader("Retry-After", str(err.retry_after))
+        except Exception:
+            log.failure("unexpected error in request {request_id}", request_id=request_id)
+            err = ApiError.of("smtp_internal_error")
+            status, code = err.status, err.code
+            body = error_body(err, parsed, request_id)
+        request.setResponseCode(status)
+        request.setHeader("Content-Type", "application/json")
+        self._log_send(request_id, client_ip, parsed, outcome, status, code, started)
+        return _json_bytes(body)
+
+    def _parse(self, request: IRequest) -> SendRequest:
+        content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise ApiError.of("smtp_unsupported_media_type", field="Content-Type")
+        raw = request.content.read() if request.content is not None else b""
+        policy = ParsePolicy(
+            max_recipients=self.service.config.max_recipients,
+            max_attachments=self.service.config.max_attachments,
+            password_optional=self.service.password_optional,
+        )
+        return parse_request(parse_json(raw), policy)
+
+    def _log_send(
+        self,
+        request_id: str,
+        client_ip: str,
+        parsed: SendRequest | None,
+        outcome: SendOutcome | None,
+        status: int,
+        code: str,
+        started: float,
+    ) -> None:
+        log.info(
+            "send {request_id} ip={client_ip} login={login} from={sender} rcpts={rcpts} status={status} "
+            "code={code} queue_id={queue_id} ms={ms}",
+            request_id=request_id,
+            client_ip=client_ip,
+            login=parsed.login if parsed else "-",
+            sender=parsed.sender.wire if parsed else "-",
+            rcpts=len(parsed.recipients()) if parsed else 0,
+            status=status,
+            code=code,
+            queue_id=(outcome.result.queue_id if outcome else None) or "-",
+            ms=int((self.clock() - started) * 1000),
+        )
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        """GET /healthz: the process is alive. Cheap, no authentication, no configuration."""
+        request.setHeader("Content-Type", "application/json")
+        return _json_bytes({"status": "ok"})
+
+    @app.route("/readyz", methods=["GET"])
+    async def readyz(self, request: IRequest) -> bytes:
+        """GET /readyz: every dependency answers; 503 naming the parts that do not."""
+        failing: list[str] = []
+        for name, check in self.ready_checks:
+            try:
+                await check()
+            except Exception:
+                failing.append(name)
+        request.setHeader("Content-Type", "application/json")
+        if failing:
+            request.setResponseCode(503)
+            return _json_bytes({"status": "unavailable", "failing": failing})
+        return _json_bytes({"status": "ok"})
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        """Unknown routes answer a coded JSON 404."""
+        request.setResponseCode(404)
+        request.setHeader("Content-Type", "application/json")
+        return _json_bytes(error_body(ApiError.of("not_found"), None, ""))
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        """A known route with the wrong method answers a coded JSON 405."""
+        request.setResponseCode(405)
+        request.setHeader("Content-Type", "application/json")
+        return _json_bytes(error_body(ApiError.of("method_not_allowed"), None, ""))
