@@ -1,0 +1,90 @@
+"""Configuration: options, environment, defaults, and one-line errors for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailcow_smtp_api.config import ConfigError, from_options, mailcow_db_url, parse_allow
+from mailcow_smtp_api.model import SmtpTarget
+
+
+def test_defaults() -> None:
+    """Without options the service targets postfix-mailcow:587 and allows its four ports."""
+    config = from_options({}, environ={})
+    assert config.default_target == SmtpTarget("postfix-mailcow", 587)
+    assert config.smtp_allow == {("postfix-mailcow", p) for p in (25, 465, 587, 588)}
+    assert config.db == "sqlite:smtpapi.sqlite"
+    assert config.smtp_tls_verify is True
+
+
+def test_environment_fills_options_and_command_line_wins() -> None:
+    """SMTPAPI_* variables are read; a command-line value overrides them."""
+    env = {"SMTPAPI_SMTP_HOST": "mail.example.org", "SMTPAPI_SMTP_PORT": "465", "SMTPAPI_SMTP_TLS_NO_VERIFY": "1"}
+    config = from_options({"smtp-port": "587"}, environ=env)
+    assert config.default_target == SmtpTarget("mail.example.org", 587)
+    assert config.smtp_tls_verify is False
+
+
+def test_mailcow_conf_database_names_are_used() -> None:
+    """DBHOST/DBUSER/DBPASS/DBNAME from mailcow.conf build the MariaDB URL, quoted."""
+    env = {"DBNAME": "mailcow", "DBUSER": "mailcow", "DBPASS": "p@ss:w/rd"}
+    assert mailcow_db_url(env) == "mysql://mailcow:p%40ss%3Aw%2Frd@mysql-mailcow:3306/mailcow"
+    assert from_options({}, environ=env).db.startswith("mysql://mailcow:")
+    assert from_options({"db": "sqlite:x.db"}, environ=env).db == "sqlite:x.db"
+
+
+def test_allow_list_forms() -> None:
+    """Entries are host:port, bare host (four ports) or [v6]:port."""
+    allowed = parse_allow("127.0.0.1:10587, Postfix, [::1]:465", "postfix-mailcow")
+    assert ("127.0.0.1", 10587) in allowed
+    assert ("postfix", 588) in allowed
+    assert ("::1", 465) in allowed
+    assert ("127.0.0.1", 25) not in allowed
+
+
+def test_target_allowed_is_exact() -> None:
+    """Only listed host/port pairs are allowed; other loopback addresses are not."""
+    config = from_options({"smtp-host": "127.0.0.1", "smtp-port": "10587", "smtp-allow": "127.0.0.1:10587"}, environ={})
+    assert config.target_allowed(SmtpTarget("127.0.0.1", 10587))
+    assert not config.target_allowed(SmtpTarget("127.0.0.2", 10587))
+    assert not config.target_allowed(SmtpTarget("127.0.0.1", 25))
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"smtp-port": "0"}, "--smtp-port"),
+        ({"smtp-port": "x"}, "--smtp-port"),
+        ({"smtp-host": "bad host"}, "--smtp-host"),
+        ({"smtp-allow": "127.0.0.1:99999"}, "--smtp-allow"),
+        ({"smtp-allow": "other:25"}, "--smtp-allow must include"),
+        ({"smtp-ca": "/nonexistent/ca.pem"}, "--smtp-ca"),
+        ({"smtp-timeout": "0"}, "--smtp-timeout"),
+        ({"max-request-bytes": "1"}, "--max-request-bytes"),
+        ({"db": "postgres://x"}, "--db"),
+        ({"trusted-proxies": "10.0.0.0/33"}, "--trusted-proxies"),
+        ({"smtp-tls-name": "a b"}, "--smtp-tls-name"),
+    ],
+)
+def test_bad_values_give_one_line_reasons(options: dict[str, str], fragment: str) -> None:
+    """Each bad value raises ConfigError naming the option, on one line."""
+    with pytest.raises(ConfigError) as info:
+        from_options(options, environ={})
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_ca_file_and_tls_name(tmp_path: Path) -> None:
+    """An existing CA file and a TLS name are kept."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    config = from_options({"smtp-ca": str(ca), "smtp-tls-name": "Mail.Example.org"}, environ={})
+    assert (config.smtp_ca, config.smtp_tls_name) == (str(ca), "mail.example.org")
+
+
+def test_trusted_proxies_are_normalised() -> None:
+    """Proxy entries become networks."""
+    config = from_options({"trusted-proxies": "172.22.1.1, fd4d:6169:6c63:6f77::/64"}, environ={})
+    assert config.trusted_proxies == ("172.22.1.1/32", "fd4d:6169:6c63:6f77::/64")

@@ -1,0 +1,182 @@
+"""MIME building: re-parse what we wrote with the stdlib parser and check every promise."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timezone
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailcow_smtp_api.errors import ApiError
+from mailcow_smtp_api.mime import LINE_LIMIT, build_message, envelope_for, longest_line, make_message_id
+from mailcow_smtp_api.validate import parse_request
+
+DATE = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def request(**fields: Any) -> Any:
+    obj: dict[str, Any] = {
+        "from": "sender@example.com",
+        "to": ["recipient@example.com"],
+        "subject": "Test Email",
+        "body": "This is a test email.",
+        "password": "pw",
+    }
+    obj.update(fields)
+    return parse_request(obj)
+
+
+def build(req: Any) -> tuple[bytes, EmailMessage]:
+    data = build_message(req, message_id=make_message_id("tok123", req.sender), date=DATE)
+    # Parse as a mail client would after the transport's CRLF became local line endings.
+    parsed = message_from_bytes(data.replace(b"\r\n", b"\n"), policy=policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return data, parsed
+
+
+def assert_wire_clean(data: bytes) -> None:
+    """ASCII only, CRLF only, no line over 998 octets."""
+    assert data.isascii()
+    assert b"\r\n" in data
+    assert b"\n" not in data.replace(b"\r\n", b"")
+    assert b"\r" not in data.replace(b"\r\n", b"")
+    assert longest_line(data) <= LINE_LIMIT
+
+
+def test_plain_message_has_every_header() -> None:
+    """A plain message carries From, To, Subject, Date, Message-ID, MIME-Version and the text."""
+    data, msg = build(request())
+    assert_wire_clean(data)
+    assert msg["From"] == "sender@example.com"
+    assert msg["To"] == "recipient@example.com"
+    assert msg["Subject"] == "Test Email"
+    assert msg["Date"] == "Mon, 23 Nov 2026 12:00:00 +0000"
+    assert msg["Message-ID"] == "<tok123@example.com>"
+    assert msg["MIME-Version"] == "1.0"
+    assert msg.get_content_type() == "text/plain"
+    assert msg.get_content() == "This is a test email.\n"
+
+
+def test_bcc_never_appears_in_headers_but_is_in_the_envelope() -> None:
+    """Bcc recipients are in RCPT TO only."""
+    req = request(cc=["cc@example.com"], bcc=["hidden@example.net"])
+    data, msg = build(req)
+    assert b"hidden" not in data
+    assert msg["Bcc"] is None
+    assert msg["Cc"] == "cc@example.com"
+    env = envelope_for(req)
+    assert env.sender == "sender@example.com"
+    assert env.recipients == ("recipient@example.com", "cc@example.com", "hidden@example.net")
+
+
+def test_html_and_text_form_multipart_alternative() -> None:
+    """body + html_body become multipart/alternative with text first."""
+    _, msg = build(request(html_body="<h1>Hello!</h1>"))
+    assert msg.get_content_type() == "multipart/alternative"
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "text/html"]
+    assert parts[1].get_content() == "<h1>Hello!</h1>\n"
+
+
+def test_html_only_message_is_text_html() -> None:
+    """Only html_body gives a single text/html part."""
+    _, msg = build(request(body="", html_body="<p>x</p>"))
+    assert msg.get_content_type() == "text/html"
+
+
+def test_attachments_make_multipart_mixed_with_exact_bytes() -> None:
+    """Attachments sit in multipart/mixed and decode to the exact bytes sent."""
+    payload = bytes(range(256)) * 40
+    req = request(
+        html_body="<p>x</p>",
+        attachments=[
+            {"filename": "résumé.pdf", "content": base64.b64encode(payload).decode(), "content_type": "application/pdf"},
+            {"filename": "b.txt", "content": base64.b64encode(b"plain").decode()},
+        ],
+    )
+    data, msg = build(req)
+    assert_wire_clean(data)
+    assert msg.get_content_type() == "multipart/mixed"
+    body, first, second = msg.iter_parts()
+    assert body.get_content_type() == "multipart/alternative"
+    assert first.get_filename() == "résumé.pdf"
+    assert first.get_content_type() == "application/pdf"
+    assert first.get_payload(decode=True) == payload
+    # RFC 2231 parameter on the wire (the parser above already decoded it back).
+    assert b"filename*=utf-8''r%C3%A9sum%C3%A9.pdf" in data
+    assert second.get_content_type() == "application/octet-stream"
+    assert second.get_payload(decode=True) == b"plain"
+
+
+def test_non_ascii_subject_and_names_are_encoded_words() -> None:
+    """Non-ASCII subject and display names go out as RFC 2047 and decode back."""
+    req = request(**{"from": '"Doe, Jäne" <jane@example.com>', "subject": "Grüße aus Köln"})
+    data, msg = build(req)
+    assert_wire_clean(data)
+    assert b"=?utf-8?" in data
+    assert msg["Subject"] == "Grüße aus Köln"
+    assert msg["From"].addresses[0].display_name == "Doe, Jäne"
+
+
+def test_idn_domains_use_a_labels_in_headers() -> None:
+    """A Unicode domain is written as its A-label (no SMTPUTF8)."""
+    data, msg = build(request(to=["kunde@bücher.example"]))
+    assert b"kunde@xn--bcher-kva.example" in data
+    assert msg["To"].addresses[0].domain == "xn--bcher-kva.example"
+
+
+def test_long_and_unicode_lines_stay_under_the_limit() -> None:
+    """A 5000-character line and non-ASCII text are quoted-printable and re-assemble exactly."""
+    text = "ä" * 5000 + "\n" + "x" * 3000 + "\n.\n.leading dot\n"
+    data, msg = build(request(body=text, html_body="<p>" + "y" * 4000 + "</p>"))
+    assert_wire_clean(data)
+    parts = list(msg.iter_parts())
+    assert parts[0].get_content() == text
+    assert parts[0]["Content-Transfer-Encoding"] == "quoted-printable"
+
+
+def test_reply_to_is_written() -> None:
+    """reply_to becomes a Reply-To header."""
+    _, msg = build(request(reply_to="Help Desk <help@example.com>"))
+    assert msg["Reply-To"] == "Help Desk <help@example.com>"
+
+
+def test_extra_headers_are_added() -> None:
+    """Service-set headers (such as X-Request-Id) appear once."""
+    req = request()
+    data = build_message(req, message_id="<a@example.com>", date=DATE, extra_headers=(("X-Request-Id", "abc123"),))
+    assert message_from_bytes(data, policy=policy.default).get_all("X-Request-Id") == ["abc123"]
+
+
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=300)
+
+
+@settings(max_examples=150, deadline=None)
+@given(subject=_text.filter(lambda s: s.strip()), body=_text.filter(lambda s: s.strip()), name=_text)
+def test_no_user_input_adds_or_splits_a_header(subject: str, body: str, name: str) -> None:
+    """Whatever subject, body and display name parse, the message has exactly the headers we set."""
+    sender = f'"{name}" <s@example.com>' if '"' not in name and "\\" not in name else "s@example.com"
+    try:
+        req = request(subject=subject, body=body, **{"from": sender})
+    except ApiError:
+        return  # refused input is test_validate's business
+    data, msg = build(req)
+    assert_wire_clean(data)
+    assert sorted(k.lower() for k in msg.keys()) == sorted(
+        ["from", "to", "subject", "date", "message-id", "mime-version", "content-type", "content-transfer-encoding"]
+    )
+    # Folding may turn runs of white space into one space; the words survive unchanged.
+    assert msg["Subject"].split() == subject.split()
+
+
+@pytest.mark.parametrize("dots", ["\n.\n", "\n..\n", ".\n", "\n.", "\r\n.\r\n"])
+def test_lines_of_dots_are_kept_in_the_message(dots: str) -> None:
+    """Dot lines stay in the built message (dot-stuffing is the SMTP client's job, on the wire)."""
+    req = request(body="a" + dots + "b")
+    data, msg = build(req)
+    assert msg.get_content() == ("a" + dots + "b").replace("\r\n", "\n") + ("" if (dots + "b").endswith("\n") else "\n")
