@@ -43,6 +43,7 @@ CODES: dict[str, tuple[int, str]] = {
     "smtp_local_auth_unsupported": (403, "this mailbox cannot be verified locally; use port 587 or 465"),
     "smtp_partially_sent": (200, "some recipients were refused; the message went to the others"),
     "smtp_too_many_failures": (429, "too many failed attempts from this address; wait and try again"),
+    "smtp_busy": (503, "too many password checks are in progress; try again shortly"),
     "smtp_db_unavailable": (503, "mailcow's database cannot be reached; try again shortly"),
     "smtp_internal_error": (500, "an unexpected error occurred; the request id is in the log"),
     "not_found": (404, "no such route"),
