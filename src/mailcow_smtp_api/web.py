@@ -23,6 +23,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from .apikeys import client_address
 from .errors import ApiError
 from .model import SendRequest
+from .openapi import document as openapi_document
 from .responses import error_body, success_body
 from .service import SendOutcome, SendService
 from .validate import ParsePolicy, parse_json, parse_request
@@ -236,6 +237,12 @@ class SmtpApi:
             return _json_bytes({"status": "unavailable", "failing": failing})
         return _json_bytes({"status": "ok"})
 
+    @app.route("/api/v1/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        """GET /api/v1/openapi.json: the OpenAPI 3.1 document of this API."""
+        request.setHeader("Content-Type", "application/json")
+        return _json_bytes(openapi_document())
+
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
         """Unknown routes answer a coded JSON 404."""
@@ -247,5 +254,8 @@ class SmtpApi:
     def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         """A known route with the wrong method answers a coded JSON 405."""
         request.setResponseCode(405)
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        if allowed:
+            request.setHeader("Allow", ", ".join(allowed))
         request.setHeader("Content-Type", "application/json")
         return _json_bytes(error_body(ApiError.of("method_not_allowed"), None, ""))
