@@ -1,0 +1,716 @@
+"""Integration fixtures: a real postfix + dovecot + MariaDB test bed, and the service as a subprocess.
+
+``testbed`` (session scope) recreates the MariaDB database ``smtpapi_testbed`` from mailcow's schema,
+starts tests/testbed/testbed.sh (postfix on 127.0.0.1:10587/10465/10025, dovecot SASL, smtp-sink on
+10026) and stops it after the session. postfix's sender login map and dovecot's passdbs read that
+database, so rows added through the ``Testbed`` helpers change what the real postfix accepts.
+``clean_testbed`` gives each test an empty database and an empty sink. ``sidecar`` starts
+``twistd -n smtpapi`` against the bed and waits until it answers ``GET /healthz``.
+
+Nothing here skips: when the bed cannot start, the test fails with the tail of the bed's logs, so a
+broken install step cannot hide behind a skip. The Twisted reactor is never imported here.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.policy
+import errno
+import fcntl
+import hashlib
+import http.client
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any, NoReturn
+
+import argon2
+import bcrypt
+import pymysql  # type: ignore[import-untyped]
+import pytest
+from passlib import hash as passlib_hash  # type: ignore[import-untyped]
+
+from mailcow_smtp_api.schema import MARIADB_TABLES
+
+HOST = "127.0.0.1"
+SUBMISSION_PORT = 10587  # like mailcow's 587: STARTTLS, then AUTH
+SMTPS_PORT = 10465  # like mailcow's 465: implicit TLS
+PLAIN_PORT = 10025  # like mailcow's 25 for internal clients: no AUTH
+SINK_PORT = 10026  # smtp-sink, the final hop
+
+DB_HOST = "127.0.0.1"
+DB_PORT = 3306
+DB_NAME = "smtpapi_testbed"
+# postfix and dovecot read the database as this SELECT-only user, as mailcow's do (testbed.sh
+# writes the same defaults into their configuration).
+DB_READER = "smtpapi_testbed_ro"
+DB_READER_PASSWORD = "testbed-readonly"
+DB_SCHEMA_VERSION = "19022026_1220"  # mailcow.md: the schema these tables come from
+
+SCRIPT = Path(__file__).resolve().parent.parent / "testbed" / "testbed.sh"
+START_TIMEOUT = 300.0  # a first run may install packages with apt-get
+COMMAND_TIMEOUT = 60.0
+LOCK_TIMEOUT = 600.0  # another session using the bed on this machine
+SIDECAR_START_TIMEOUT = 30.0
+SIDECAR_STOP_TIMEOUT = 10.0
+
+# Every table the helpers fill; `versions` keeps its row across resets.
+DATA_TABLES = ("sender_acl", "alias", "alias_domain", "app_passwd", "mailbox", "domain", "api")
+
+
+def testbed_dir() -> Path:
+    """The bed's folder: $SMTPAPI_TESTBED_DIR, by default /tmp/smtpapi-testbed."""
+    return Path(os.environ.get("SMTPAPI_TESTBED_DIR", "/tmp/smtpapi-testbed"))
+
+
+# ------------------------------------------------------------------------------ password hashes
+
+
+def hash_password(password: str, scheme: str = "BLF-CRYPT", *, bcrypt_cost: int = 6) -> str:
+    """``{SCHEME}hash`` of ``password`` in the form mailcow stores and dovecot verifies.
+
+    Supported: BLF-CRYPT (bcrypt with PHP's ``$2y$`` prefix, as mailcow writes), SHA512-CRYPT,
+    SHA256-CRYPT, MD5-CRYPT, SSHA256, SSHA512, SSHA, PLAIN-MD5, PLAIN, CLEAR, ARGON2I and ARGON2ID.
+    The bcrypt cost is low by default to keep tests fast; it does not change the format.
+    """
+    scheme = scheme.upper()
+    secret = password.encode("utf-8")
+    if scheme in ("PLAIN", "CLEAR"):
+        return f"{{{scheme}}}{password}"
+    if scheme == "BLF-CRYPT":
+        hashed = bcrypt.hashpw(secret, bcrypt.gensalt(bcrypt_cost)).decode("ascii")
+        return "{BLF-CRYPT}$2y$" + hashed[4:]
+    if scheme in ("SHA512-CRYPT", "SHA256-CRYPT", "MD5-CRYPT"):
+        if scheme == "MD5-CRYPT":
+            return "{MD5-CRYPT}" + str(passlib_hash.md5_crypt.hash(password))
+        crypt = passlib_hash.sha512_crypt if scheme == "SHA512-CRYPT" else passlib_hash.sha256_crypt
+        # 5000 rounds is crypt(3)'s implicit default: the string carries no "rounds=" field.
+        return f"{{{scheme}}}" + str(crypt.using(rounds=5000).hash(password))
+    if scheme in ("SSHA256", "SSHA512", "SSHA"):
+        salt = secrets.token_bytes(8)
+        algorithm = {"SSHA256": "sha256", "SSHA512": "sha512", "SSHA": "sha1"}[scheme]
+        digest = hashlib.new(algorithm, secret + salt).digest()
+        return f"{{{scheme}}}" + base64.b64encode(digest + salt).decode("ascii")
+    if scheme == "PLAIN-MD5":
+        return "{PLAIN-MD5}" + hashlib.md5(secret).hexdigest()
+    if scheme in ("ARGON2I", "ARGON2ID"):
+        kind = argon2.Type.I if scheme == "ARGON2I" else argon2.Type.ID
+        # dovecot verifies argon2 with libsodium, which supports one lane only (p=1).
+        hasher = argon2.PasswordHasher(time_cost=3, memory_cost=8192, parallelism=1, type=kind)
+        return f"{{{scheme}}}" + hasher.hash(password)
+    raise ValueError(f"unsupported password scheme {scheme!r}")
+
+
+def new_api_key() -> str:
+    """A random key shaped like mailcow's: five groups of six upper-case hex digits."""
+    return "-".join(secrets.token_hex(3).upper() for _ in range(5))
+
+
+# ------------------------------------------------------------------------------ sink messages
+
+
+@dataclass(frozen=True)
+class SinkMessage:
+    """One message as postfix delivered it to smtp-sink.
+
+    ``raw`` is the message exactly as received (smtp-sink stores lines with LF endings, dot-unstuffed);
+    ``message`` is ``raw`` parsed with ``email.policy.default``; ``mail_from`` and ``rcpt_to`` are the
+    envelope postfix used towards the sink (from smtp-sink's X-Mail-Args / X-Rcpt-Args records).
+    """
+
+    path: Path
+    raw: bytes
+    message: EmailMessage
+    mail_from: str
+    rcpt_to: tuple[str, ...]
+    helo: str | None
+
+
+def _envelope_address(args: str) -> str:
+    # "<a@example.org> SIZE=123 BODY=8BITMIME" -> "a@example.org"
+    first = args.strip().split(" ", 1)[0]
+    return first[1:-1] if first.startswith("<") and first.endswith(">") else first
+
+
+def parse_sink_file(path: Path, data: bytes) -> SinkMessage:
+    """Split one smtp-sink capture into its envelope records and the message.
+
+    The capture (smtp-sink(1), DUMP FILE FORMAT) is: X-Client-Addr, X-Client-Proto, X-Helo-Args,
+    X-Mail-Args, one X-Rcpt-Args per recipient, smtp-sink's own three-line Received header, the
+    message, and one extra empty line.
+    """
+    records: dict[str, list[str]] = {}
+    position = 0
+    while data.startswith(b"X-", position):
+        end = data.index(b"\n", position)
+        name, _, value = data[position:end].decode("utf-8", "replace").partition(": ")
+        records.setdefault(name, []).append(value)
+        position = end + 1
+    if data.startswith(b"Received: ", position):
+        position = data.index(b"\n", position) + 1
+        while data.startswith(b"\t", position):
+            position = data.index(b"\n", position) + 1
+    raw = data[position:]
+    # smtp-sink also writes the LF that ended the final "." line.
+    if raw.endswith(b"\n"):
+        raw = raw[:-1]
+    message = BytesParser(policy=email.policy.default).parsebytes(raw)
+    assert isinstance(message, EmailMessage)
+    return SinkMessage(
+        path=path,
+        raw=raw,
+        message=message,
+        mail_from=_envelope_address(records.get("X-Mail-Args", [""])[0]),
+        rcpt_to=tuple(_envelope_address(value) for value in records.get("X-Rcpt-Args", [])),
+        helo=records["X-Helo-Args"][0] if "X-Helo-Args" in records else None,
+    )
+
+
+# ------------------------------------------------------------------------------ the test bed
+
+
+def _fail(message: str, log_tail: str = "") -> NoReturn:
+    pytest.fail(f"{message}\n{log_tail}".rstrip(), pytrace=False)
+
+
+@dataclass
+class Testbed:
+    """The running bed: where it listens, its database, row helpers, and the sink's messages."""
+
+    __test__ = False  # a helper, not a test class
+
+    directory: Path
+    host: str = HOST
+    submission_port: int = SUBMISSION_PORT
+    smtps_port: int = SMTPS_PORT
+    plain_port: int = PLAIN_PORT
+    sink_port: int = SINK_PORT
+    database: str = DB_NAME
+    _connection: Any = field(default=None, repr=False)
+
+    # -- where things are
+
+    @property
+    def cert_path(self) -> Path:
+        """postfix's self-signed certificate (CN=localhost, SAN localhost and 127.0.0.1); the CA to trust."""
+        return self.directory / "tls" / "cert.pem"
+
+    @property
+    def db_url(self) -> str:
+        """The service's ``--db`` value for this bed's database."""
+        return f"mysql://root@{DB_HOST}:{DB_PORT}/{self.database}"
+
+    @property
+    def sink_dir(self) -> Path:
+        """Where smtp-sink writes one file per delivered message."""
+        return self.directory / "sink" / "mail"
+
+    @property
+    def sender_map(self) -> Path:
+        """postfix's mysql map file holding mailcow's sender login query."""
+        return self.directory / "postfix" / "sender_acl.cf"
+
+    def log_path(self, name: str = "postfix") -> Path:
+        """A log of the bed: ``postfix``, ``dovecot``, ``smtp-sink``..."""
+        return self.directory / "log" / f"{name}.log"
+
+    def log_text(self, name: str = "postfix") -> str:
+        """The whole text of one of the bed's logs ('' when it does not exist yet)."""
+        try:
+            return self.log_path(name).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The last lines of postfix's and dovecot's logs, for failure messages."""
+        parts = []
+        for name in ("postfix", "dovecot", "smtp-sink"):
+            text = self.log_text(name).splitlines()[-lines:]
+            if text:
+                parts.append(f"--- {self.log_path(name)} (last {len(text)} lines)\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    # -- the script
+
+    def run_script(self, command: str, timeout: float = COMMAND_TIMEOUT) -> str:
+        """Run ``testbed.sh COMMAND``; fail the test with its output and the logs when it fails."""
+        return run_testbed_script(self.directory, command, timeout)
+
+    def restart_postfix(self) -> None:
+        """Stop postfix and start it again (dovecot, the sink and the database stay up)."""
+        self.run_script("restart-postfix")
+
+    def stop_postfix(self) -> None:
+        """Stop postfix only: its ports refuse connections until ``start_postfix``."""
+        self.run_script("stop-postfix")
+
+    def start_postfix(self) -> None:
+        """Start postfix again and wait until its three listeners answer."""
+        self.run_script("start-postfix")
+
+    # -- database
+
+    def connect(self, database: bool = True) -> pymysql.connections.Connection:
+        """A new autocommit connection as root to the bed's database (or to no database)."""
+        return pymysql.connect(
+            host=DB_HOST,
+            port=DB_PORT,
+            user="root",
+            database=self.database if database else None,
+            charset="utf8mb4",
+            autocommit=True,
+            connect_timeout=5,
+            read_timeout=30,
+            write_timeout=30,
+        )
+
+    def _cursor(self) -> Any:
+        if self._connection is not None:
+            try:
+                self._connection.ping(False)
+            except pymysql.MySQLError:  # MariaDB restarted: start over
+                self._connection.close()
+                self._connection = None
+        if self._connection is None:
+            self._connection = self.connect()
+        return self._connection.cursor()
+
+    def execute(self, sql: str, args: Sequence[Any] | Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run one statement on the bed's database and return its rows."""
+        with self._cursor() as cursor:
+            cursor.execute(sql, args)
+            return list(cursor.fetchall())
+
+    def insert(self, table: str, row: Mapping[str, Any]) -> None:
+        """Insert one row given as column -> value (columns not named keep their defaults)."""
+        if table not in DATA_TABLES + ("versions",):
+            raise ValueError(f"unknown table {table!r}")
+        columns = list(row)
+        for column in columns:
+            if not re.fullmatch(r"[a-z_]+", column):
+                raise ValueError(f"bad column name {column!r}")
+        sql = "INSERT INTO `{}` ({}) VALUES ({})".format(
+            table, ", ".join(f"`{c}`" for c in columns), ", ".join(["%s"] * len(columns))
+        )
+        self.execute(sql, [row[c] for c in columns])
+
+    def load_rows(self, rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """Insert rows given per table, e.g. one case of tests/sender_cases.py."""
+        for table, table_rows in rows.items():
+            for row in table_rows:
+                self.insert(table, row)
+
+    def reset_database(self) -> None:
+        """Delete every row of mailcow's tables (the schema version row stays)."""
+        for table in DATA_TABLES:
+            self.execute(f"DELETE FROM `{table}`")
+
+    def add_domain(self, domain: str, *, active: int = 1) -> None:
+        """A mailcow domain row."""
+        self.insert("domain", {"domain": domain, "active": active})
+
+    def add_mailbox(
+        self,
+        login: str,
+        password: str,
+        scheme: str = "BLF-CRYPT",
+        *,
+        active: int = 1,
+        kind: str = "",
+        smtp_access: Any = "1",
+        authsource: str = "mailcow",
+        self_alias: bool = True,
+        stored_password: str | None = None,
+    ) -> None:
+        """A mailbox as mailcow creates it: the mailbox row and its self-alias address = goto = login.
+
+        ``password`` is hashed with ``scheme`` (see ``hash_password``) unless ``stored_password``
+        gives the stored ``{SCHEME}hash`` directly. ``smtp_access`` goes into the JSON attributes
+        (mailcow stores "1"; 1 and "0" are also meaningful).
+        """
+        local_part, _, domain = login.rpartition("@")
+        self.insert(
+            "mailbox",
+            {
+                "username": login,
+                "password": stored_password if stored_password is not None else hash_password(password, scheme),
+                "name": local_part,
+                "local_part": local_part,
+                "domain": domain,
+                "kind": kind,
+                "attributes": json.dumps({"smtp_access": smtp_access}),
+                "authsource": authsource,
+                "active": active,
+            },
+        )
+        if self_alias:
+            self.add_alias(login, login, domain=domain)
+
+    def add_alias(
+        self, address: str, goto: str, *, domain: str | None = None, active: int = 1, sender_allowed: int = 1
+    ) -> None:
+        """An alias row; ``domain`` defaults to the part after the last '@' (also for '@domain' catch-alls)."""
+        self.insert(
+            "alias",
+            {
+                "address": address,
+                "goto": goto,
+                "domain": domain if domain is not None else address.rpartition("@")[2],
+                "active": active,
+                "sender_allowed": sender_allowed,
+            },
+        )
+
+    def add_alias_domain(self, alias_domain: str, target_domain: str, *, active: int = 1) -> None:
+        """An alias domain: every user@alias_domain maps to user@target_domain."""
+        self.insert("alias_domain", {"alias_domain": alias_domain, "target_domain": target_domain, "active": active})
+
+    def add_sender_acl(self, logged_in_as: str, send_as: str, *, external: int = 0) -> None:
+        """A sender_acl grant: ``logged_in_as`` may send as ``send_as`` (address, '@domain' or '*')."""
+        self.insert("sender_acl", {"logged_in_as": logged_in_as, "send_as": send_as, "external": external})
+
+    def add_app_password(
+        self,
+        mailbox: str,
+        password: str,
+        scheme: str = "BLF-CRYPT",
+        *,
+        active: int = 1,
+        smtp_access: int = 1,
+        name: str = "app",
+    ) -> None:
+        """An app password of ``mailbox``."""
+        self.insert(
+            "app_passwd",
+            {
+                "name": name,
+                "mailbox": mailbox,
+                "domain": mailbox.rpartition("@")[2],
+                "password": hash_password(password, scheme),
+                "smtp_access": smtp_access,
+                "active": active,
+            },
+        )
+
+    def add_api_key(
+        self,
+        key: str | None = None,
+        *,
+        allow_from: str = "127.0.0.1",
+        skip_ip_check: int = 0,
+        access: str = "rw",
+        active: int = 1,
+    ) -> str:
+        """An API key row (mailcow stores keys in plain text); returns the key."""
+        key = key or new_api_key()
+        self.insert(
+            "api",
+            {"api_key": key, "allow_from": allow_from, "skip_ip_check": skip_ip_check, "access": access, "active": active},
+        )
+        return key
+
+    # -- what postfix decides
+
+    def map_lookup(self, key: str) -> str | None:
+        """The raw result of postfix's sender login map for ``key`` (``postmap -q``), or None."""
+        result = subprocess.run(
+            ["postmap", "-c", str(self.directory / "postfix"), "-q", key, f"mysql:{self.sender_map}"],
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+        if result.returncode == 0:
+            return result.stdout.strip()
+        if result.returncode == 1 and not result.stderr.strip():
+            return None
+        _fail(f"postmap -q {key!r} failed ({result.returncode}): {result.stderr.strip()}", self.log_tail())
+
+    def sender_owners(self, sender: str) -> list[str]:
+        """The logins postfix's map gives as owners of ``sender``, with postfix's +tag retry.
+
+        smtpd looks the sender up as is and, only when that finds nothing, once more without the
+        address extension (recipient_delimiter = +; cut at the first '+', never leaving an empty
+        local part). ``postmap -q`` does a single lookup, so the retry is repeated here.
+        """
+        found = self.map_lookup(sender)
+        if found is None:
+            local, at, domain = sender.rpartition("@")
+            base = local.split("+", 1)[0]
+            if at and "+" in local and base:
+                found = self.map_lookup(f"{base}@{domain}")
+        return [token for token in re.split(r"[,\s]+", found or "") if token]
+
+    # -- the sink
+
+    def _sink_open_files(self) -> set[str]:
+        # smtp-sink writes a capture while the message arrives and closes it at the final ".":
+        # a file it still holds open is not complete yet.
+        pid_text = (self.directory / "sink" / "smtp-sink.pid").read_text().strip()
+        fd_dir = Path("/proc") / pid_text / "fd"
+        paths = set()
+        for entry in fd_dir.iterdir():
+            try:
+                paths.add(os.readlink(entry))
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        return paths
+
+    def messages(self) -> list[SinkMessage]:
+        """Every complete message in the sink, oldest first."""
+        busy = self._sink_open_files()
+        found = []
+        for path in self.sink_dir.iterdir():
+            if str(path) in busy:
+                continue
+            try:
+                data = path.read_bytes()
+                stamp = path.stat().st_mtime_ns
+            except FileNotFoundError:  # cleared meanwhile
+                continue
+            found.append((stamp, path.name, parse_sink_file(path, data)))
+        return [message for _, _, message in sorted(found, key=lambda item: item[:2])]
+
+    def clear_messages(self) -> None:
+        """Empty the sink, after letting postfix's queue drain (bounded) and dropping what stays queued."""
+        self.run_script("clear-messages")
+
+    def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[SinkMessage]:
+        """Poll (every 50 ms, at most ``timeout`` s) until at least ``count`` messages arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.messages()
+            if len(found) >= count or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if len(found) < count:
+            _fail(f"expected {count} message(s) in the sink within {timeout} s, got {len(found)}", self.log_tail())
+        return found
+
+
+def run_testbed_script(directory: Path, command: str, timeout: float = COMMAND_TIMEOUT) -> str:
+    """Run ``testbed.sh COMMAND`` for the bed in ``directory``; fail with its output on error."""
+    env = dict(
+        os.environ,
+        SMTPAPI_TESTBED_DIR=str(directory),
+        SMTPAPI_TESTBED_DB_NAME=DB_NAME,
+        SMTPAPI_TESTBED_DB_USER=DB_READER,
+        SMTPAPI_TESTBED_DB_PASS=DB_READER_PASSWORD,
+    )
+    try:
+        result = subprocess.run(
+            ["bash", str(SCRIPT), command],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        _fail(f"testbed.sh {command} did not finish within {timeout} s", Testbed(directory).log_tail())
+    if result.returncode != 0:
+        # The script's error output already ends with the tails of the bed's logs.
+        _fail(f"testbed.sh {command} failed with status {result.returncode}:\n{result.stdout}{result.stderr}")
+    return result.stdout
+
+
+def create_database() -> None:
+    """Recreate the bed's database from mailcow's schema, and its SELECT-only reader account."""
+    try:
+        connection = pymysql.connect(host=DB_HOST, port=DB_PORT, user="root", autocommit=True, connect_timeout=5)
+    except pymysql.MySQLError as exc:
+        _fail(
+            f"MariaDB does not answer on {DB_HOST}:{DB_PORT} as root without a password ({exc}); "
+            "scripts/mariadb.sh ensure starts one"
+        )
+    with connection, connection.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS `{DB_NAME}`")
+        cursor.execute(f"CREATE DATABASE `{DB_NAME}` CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
+        cursor.execute(f"USE `{DB_NAME}`")
+        for statement in MARIADB_TABLES:
+            cursor.execute(statement)
+        cursor.execute(
+            "INSERT INTO versions (application, version) VALUES ('db_schema', %s)", (DB_SCHEMA_VERSION,)
+        )
+        # postfix and dovecot connect over TCP from 127.0.0.1, as mailcow's containers connect
+        # to mysql-mailcow, and only ever read.
+        cursor.execute(f"CREATE USER IF NOT EXISTS '{DB_READER}'@'127.0.0.1' IDENTIFIED BY %s", (DB_READER_PASSWORD,))
+        cursor.execute(f"ALTER USER '{DB_READER}'@'127.0.0.1' IDENTIFIED BY %s", (DB_READER_PASSWORD,))
+        cursor.execute(f"GRANT SELECT ON `{DB_NAME}`.* TO '{DB_READER}'@'127.0.0.1'")
+
+
+@pytest.fixture(scope="session")
+def testbed_lock() -> Iterator[None]:
+    """Serialise sessions on this machine: they share the bed's ports, folder and database."""
+    directory = testbed_dir()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{directory}.lock", "w") as lock:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    _fail(f"another test session has held {directory}.lock for {LOCK_TIMEOUT} s")
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def testbed(testbed_lock: None) -> Iterator[Testbed]:
+    """The running bed for the whole session; stopped at the end (unless SMTPAPI_TESTBED_KEEP=1)."""
+    if os.geteuid() != 0:
+        _fail("the test bed needs root: postfix's and dovecot's masters start as root and drop privileges")
+    directory = testbed_dir()
+    create_database()
+    run_testbed_script(directory, "start", timeout=START_TIMEOUT)
+    bed = Testbed(directory)
+    try:
+        yield bed
+    finally:
+        if bed._connection is not None:
+            bed._connection.close()
+        if os.environ.get("SMTPAPI_TESTBED_KEEP") != "1":
+            run_testbed_script(directory, "stop")
+
+
+@pytest.fixture
+def clean_testbed(testbed: Testbed) -> Testbed:
+    """The bed with an empty database (schema kept) and an empty sink."""
+    testbed.reset_database()
+    testbed.clear_messages()
+    return testbed
+
+
+# ------------------------------------------------------------------------------ the service
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Sidecar:
+    """One ``twistd -n smtpapi`` process; its stdout and stderr go to ``log_path``."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    argv: list[str]
+
+    @property
+    def url(self) -> str:
+        """Base URL of the service, e.g. http://127.0.0.1:PORT."""
+        return f"http://{HOST}:{self.port}"
+
+    def log_text(self) -> str:
+        """Everything the process wrote so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL after SIDECAR_STOP_TIMEOUT s; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(SIDECAR_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(SIDECAR_STOP_TIMEOUT)
+        return int(self.process.returncode)
+
+
+def _healthy(port: int) -> bool:
+    connection = http.client.HTTPConnection(HOST, port, timeout=2)
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+def twistd_path() -> Path:
+    """The twistd of the interpreter running the tests (the project's virtual environment)."""
+    return Path(sys.executable).parent / "twistd"
+
+
+@pytest.fixture
+def sidecar(testbed: Testbed, tmp_path: Path) -> Iterator[Callable[..., Sidecar]]:
+    """A factory: ``sidecar(*extra_options, env=None)`` starts the service against the bed.
+
+    Options are those of ``twistd -n smtpapi``: a free loopback port, the bed's database as root,
+    postfix on 127.0.0.1:10587 with the bed's certificate as CA and name ``localhost``, and the bed's
+    three ports allowed; ``extra_options`` are appended. SMTPAPI_* variables of the calling
+    environment are dropped so they cannot change the options; ``env`` adds variables. Returns
+    once ``GET /healthz`` answers 200 (at most SIDECAR_START_TIMEOUT s); every process started is
+    terminated after the test.
+    """
+    started: list[Sidecar] = []
+
+    def start(*extra: str, env: Mapping[str, str] | None = None) -> Sidecar:
+        port = free_port()
+        log_path = tmp_path / f"sidecar-{len(started) + 1}.log"
+        argv = [
+            str(twistd_path()),
+            "-n",
+            "--pidfile=",
+            "smtpapi",
+            "--listen",
+            f"tcp:{port}:interface={HOST}",
+            "--db",
+            testbed.db_url,
+            "--smtp-host",
+            HOST,
+            "--smtp-port",
+            str(SUBMISSION_PORT),
+            "--smtp-allow",
+            f"{HOST}:{SUBMISSION_PORT},{HOST}:{SMTPS_PORT},{HOST}:{PLAIN_PORT}",
+            "--smtp-ca",
+            str(testbed.cert_path),
+            "--smtp-tls-name",
+            "localhost",
+            *extra,
+        ]
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPAPI_")}
+        child_env.update(env or {})
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path, env=child_env
+            )
+        running = Sidecar(port=port, process=process, log_path=log_path, argv=argv)
+        started.append(running)
+        deadline = time.monotonic() + SIDECAR_START_TIMEOUT
+        while not _healthy(port):
+            if process.poll() is not None:
+                _fail(f"the service exited with status {process.returncode} before answering:\n{running.log_text()}")
+            if time.monotonic() >= deadline:
+                _fail(f"the service did not answer GET /healthz within {SIDECAR_START_TIMEOUT} s:\n{running.log_text()}")
+            time.sleep(0.1)
+        return running
+
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.stop()
