@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from .model import SmtpTarget
+from .model import Security, SmtpTarget
 
 DEFAULT_PORTS = (25, 465, 587, 588)
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
@@ -31,7 +31,7 @@ class Config:
     db: str = "sqlite:smtpapi.sqlite"
     smtp_host: str = "postfix-mailcow"
     smtp_port: int = 587
-    smtp_allow: frozenset[tuple[str, int]] = frozenset()
+    smtp_allow: Mapping[tuple[str, int], Security] = attrs.field(factory=dict)
     smtp_ca: str | None = None
     smtp_tls_name: str | None = None
     smtp_tls_verify: bool = True
@@ -44,11 +44,13 @@ class Config:
     @property
     def default_target(self) -> SmtpTarget:
         """Where a request that names no smtp_host/smtp_port goes."""
-        return SmtpTarget(self.smtp_host, self.smtp_port)
+        target = self.allowed_target(self.smtp_host, self.smtp_port)
+        return target if target is not None else SmtpTarget(self.smtp_host, self.smtp_port)
 
-    def target_allowed(self, target: SmtpTarget) -> bool:
-        """True when the operator allows submissions to ``target`` (exact host and port)."""
-        return (target.host.lower(), target.port) in self.smtp_allow
+    def allowed_target(self, host: str, port: int) -> SmtpTarget | None:
+        """The target for ``host:port`` with its security mode, or None when the operator does not allow it."""
+        security = self.smtp_allow.get((host.lower(), port))
+        return None if security is None else SmtpTarget(host.lower(), port, security)
 
 
 # option name -> default as text, used by the twistd Options and by ``from_options``.
@@ -107,17 +109,20 @@ def _float(value: str, option: str, low: float, high: float) -> float:
     return number
 
 
-def parse_allow(value: str | None, default_host: str) -> frozenset[tuple[str, int]]:
-    """``host[:port]`` entries separated by commas or spaces; a bare host means ports 25, 465, 587, 588.
+def parse_allow(value: str | None, default_host: str) -> dict[tuple[str, int], Security]:
+    """``host[:port][/mode]`` entries separated by commas or spaces -> allowed targets and their security.
 
-    IPv6 addresses with a port are written ``[::1]:587``.
+    A bare host means ports 25, 465, 587, 588. IPv6 addresses with a port are written ``[::1]:587``.
+    ``mode`` is ``plain``, ``starttls`` or ``tls``; without it the port decides as on mailcow
+    (25 plain, 465 implicit TLS, any other STARTTLS).
     """
     if value is None or not value.strip():
-        return frozenset((default_host, port) for port in DEFAULT_PORTS)
-    allowed: set[tuple[str, int]] = set()
-    for entry in re.split(r"[,\s]+", value.strip()):
-        if not entry:
+        return {(default_host, port): Security.for_port(port) for port in DEFAULT_PORTS}
+    allowed: dict[tuple[str, int], Security] = {}
+    for item in re.split(r"[,\s]+", value.strip()):
+        if not item:
             continue
+        entry, _, mode = item.partition("/")
         match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", entry)
         if match:
             host, port_text = match.group(1), match.group(2)
@@ -126,11 +131,21 @@ def parse_allow(value: str | None, default_host: str) -> frozenset[tuple[str, in
         else:
             host, port_text = entry, None
         host = _host(host, "smtp-allow")
-        if port_text is None:
-            allowed.update((host, port) for port in DEFAULT_PORTS)
-        else:
-            allowed.add((host, _int(port_text, "smtp-allow", 1, 65535)))
-    return frozenset(allowed)
+        ports = DEFAULT_PORTS if port_text is None else (_int(port_text, "smtp-allow", 1, 65535),)
+        if mode and port_text is None:
+            raise ConfigError(f"--smtp-allow: {item!r}: a /mode needs an explicit port")
+        for port in ports:
+            allowed[(host, port)] = _security(mode, port, item)
+    return allowed
+
+
+def _security(mode: str, port: int, item: str) -> Security:
+    if not mode:
+        return Security.for_port(port)
+    try:
+        return Security(mode.lower())
+    except ValueError:
+        raise ConfigError(f"--smtp-allow: {item!r}: mode must be plain, starttls or tls") from None
 
 
 def parse_networks(value: str, option: str) -> tuple[str, ...]:

@@ -59,17 +59,21 @@ class Security(str, Enum):
         return cls.STARTTLS
 
 
+def _security_from_port(target: SmtpTarget) -> Security:
+    return Security.for_port(target.port)
+
+
 @attrs.frozen
 class SmtpTarget:
-    """Where a message is submitted."""
+    """Where a message is submitted, and how the connection is secured.
+
+    ``security`` defaults to what mailcow's postfix does on ``port`` (25 plain, 465 implicit TLS,
+    anything else STARTTLS); an operator's allow-list entry can name it explicitly.
+    """
 
     host: str
     port: int
-
-    @property
-    def security(self) -> Security:
-        """The security mode for this target's port."""
-        return Security.for_port(self.port)
+    security: Security = attrs.field(default=attrs.Factory(_security_from_port, takes_self=True))
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"

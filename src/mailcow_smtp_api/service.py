@@ -106,14 +106,13 @@ class SendService:
 
     def target_for(self, request: SendRequest) -> SmtpTarget:
         """The SMTP server this request goes to, refused unless the operator allows it."""
-        target = SmtpTarget(
-            host=request.smtp_host or self.config.smtp_host,
-            port=request.smtp_port or self.config.smtp_port,
-        )
-        if not self.config.target_allowed(target):
+        host = request.smtp_host or self.config.smtp_host
+        port = request.smtp_port or self.config.smtp_port
+        target = self.config.allowed_target(host, port)
+        if target is None:
             raise ApiError.of(
                 "smtp_host_not_allowed",
-                f"{target} is not in this server's --smtp-allow list",
+                f"{host}:{port} is not in this server's --smtp-allow list",
                 field="smtp_host" if request.smtp_host else "smtp_port",
             )
         return target

@@ -685,7 +685,7 @@ def sidecar(testbed: Testbed, tmp_path: Path) -> Iterator[Callable[..., Sidecar]
             "--smtp-port",
             str(SUBMISSION_PORT),
             "--smtp-allow",
-            f"{HOST}:{SUBMISSION_PORT},{HOST}:{SMTPS_PORT},{HOST}:{PLAIN_PORT}",
+            f"{HOST}:{SUBMISSION_PORT},{HOST}:{SMTPS_PORT}/tls,{HOST}:{PLAIN_PORT}/plain",
             "--smtp-ca",
             str(testbed.cert_path),
             "--smtp-tls-name",

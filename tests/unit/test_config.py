@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from mailcow_smtp_api.config import ConfigError, from_options, mailcow_db_url, parse_allow
-from mailcow_smtp_api.model import SmtpTarget
+from mailcow_smtp_api.model import Security, SmtpTarget
 
 
 def test_defaults() -> None:
     """Without options the service targets postfix-mailcow:587 and allows its four ports."""
     config = from_options({}, environ={})
     assert config.default_target == SmtpTarget("postfix-mailcow", 587)
-    assert config.smtp_allow == {("postfix-mailcow", p) for p in (25, 465, 587, 588)}
+    assert set(config.smtp_allow) == {("postfix-mailcow", p) for p in (25, 465, 587, 588)}
     assert config.db == "sqlite:smtpapi.sqlite"
     assert config.smtp_tls_verify is True
 
@@ -47,9 +47,22 @@ def test_allow_list_forms() -> None:
 def test_target_allowed_is_exact() -> None:
     """Only listed host/port pairs are allowed; other loopback addresses are not."""
     config = from_options({"smtp-host": "127.0.0.1", "smtp-port": "10587", "smtp-allow": "127.0.0.1:10587"}, environ={})
-    assert config.target_allowed(SmtpTarget("127.0.0.1", 10587))
-    assert not config.target_allowed(SmtpTarget("127.0.0.2", 10587))
-    assert not config.target_allowed(SmtpTarget("127.0.0.1", 25))
+    assert config.allowed_target("127.0.0.1", 10587) == SmtpTarget("127.0.0.1", 10587, Security.STARTTLS)
+    assert config.allowed_target("127.0.0.2", 10587) is None
+    assert config.allowed_target("127.0.0.1", 25) is None
+
+
+def test_allow_entries_may_name_the_security_mode() -> None:
+    """host:port/tls and /plain override the port's usual mode; a bad mode is refused."""
+    allowed = parse_allow("127.0.0.1:10465/tls,127.0.0.1:10025/PLAIN,127.0.0.1:10587,mail:465", "x")
+    assert allowed[("127.0.0.1", 10465)] is Security.TLS
+    assert allowed[("127.0.0.1", 10025)] is Security.PLAIN
+    assert allowed[("127.0.0.1", 10587)] is Security.STARTTLS
+    assert allowed[("mail", 465)] is Security.TLS
+    with pytest.raises(ConfigError):
+        parse_allow("127.0.0.1:25/ssl", "x")
+    with pytest.raises(ConfigError):
+        parse_allow("127.0.0.1/tls", "x")
 
 
 @pytest.mark.parametrize(
