@@ -40,6 +40,8 @@ class Config:
     max_recipients: int = 100
     max_attachments: int = 50
     trusted_proxies: tuple[str, ...] = ()
+    port25_no_password_from: tuple[str, ...] = ()
+    local_auth_threads: int = 4
 
     @property
     def default_target(self) -> SmtpTarget:
@@ -68,6 +70,8 @@ OPTION_DEFAULTS: dict[str, str | None] = {
     "max-recipients": str(_DEFAULTS.max_recipients),
     "max-attachments": str(_DEFAULTS.max_attachments),
     "trusted-proxies": "",
+    "port25-no-password-from": "",
+    "local-auth-threads": str(_DEFAULTS.local_auth_threads),
 }
 FLAGS = ("smtp-tls-no-verify",)
 
@@ -230,4 +234,6 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         max_recipients=_int(text["max-recipients"] or "", "max-recipients", 1, 10000),
         max_attachments=_int(text["max-attachments"] or "", "max-attachments", 0, 10000),
         trusted_proxies=parse_networks(text["trusted-proxies"] or "", "trusted-proxies"),
+        port25_no_password_from=parse_networks(text["port25-no-password-from"] or "", "port25-no-password-from"),
+        local_auth_threads=_int(text["local-auth-threads"] or "", "local-auth-threads", 1, 64),
     )

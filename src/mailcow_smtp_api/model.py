@@ -157,3 +157,19 @@ class SubmitResult:
     def refused(self) -> tuple[RecipientResult, ...]:
         """Recipients the server refused; the message was not sent to them."""
         return tuple(r for r in self.recipients if not r.accepted)
+
+
+@attrs.frozen
+class LoginCredentials:
+    """What the database knows about a login's passwords (for local verification on port 25).
+
+    ``problem`` says why the login may not submit at all (None when it may). ``password_hash`` is the
+    mailbox's ``{SCHEME}hash`` when mailcow checks it itself (authsource ``mailcow``), else None.
+    ``app_hashes`` are the hashes of its active app passwords with SMTP access.
+    """
+
+    login: str
+    problem: str | None
+    password_hash: str | None = attrs.field(default=None, repr=False)
+    app_hashes: tuple[str, ...] = attrs.field(default=(), repr=False)
+    authsource: str = "mailcow"

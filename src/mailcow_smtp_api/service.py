@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.defer import Deferred
 
+from .apikeys import ip_in, parse_networks
 from .config import Config
 from .errors import ApiError, SmtpFailure, smtp_failure_to_api_error
 from .mime import build_message, envelope_for, make_message_id
@@ -38,6 +39,9 @@ class SenderChecker(Protocol):
 
     def authorize_sender(self, login: str, sender: str) -> Deferred[Any]:
         """Fire with a decision (``allowed``, ``reason``); fail only when the database is unreachable."""
+
+    def sender_has_owner(self, sender: str) -> Deferred[bool]:
+        """Fire True when some mailbox owns ``sender`` in mailcow's sender map (a local address)."""
 
 
 class Submitter(Protocol):
@@ -100,9 +104,18 @@ class SendService:
                 self.throttle.record_failure(client_ip)
             raise
 
-    def password_optional(self, port: int | None) -> bool:
-        """Whether a request to ``port`` may omit the mailbox password (never, so far)."""
-        return False
+    def password_optional(self, port: int | None, client_ip: str) -> bool:
+        """A request may omit the mailbox password only towards a plain (port 25) target, and only
+        from an address the operator listed in --port25-no-password-from."""
+        if not self._internal_caller(client_ip):
+            return False
+        target = self.config.allowed_target(self.config.smtp_host, port or self.config.smtp_port)
+        # A request naming another host is checked again in send(), against its real target.
+        return target is None or target.security is Security.PLAIN
+
+    def _internal_caller(self, client_ip: str) -> bool:
+        networks = self.config.port25_no_password_from
+        return bool(networks) and ip_in(client_ip, parse_networks(networks))
 
     def target_for(self, request: SendRequest) -> SmtpTarget:
         """The SMTP server this request goes to, refused unless the operator allows it."""
@@ -120,15 +133,18 @@ class SendService:
     async def send(self, request: SendRequest, client_ip: str, request_id: str = "") -> SendOutcome:
         """Authorize, build and submit ``request``; fail with an ``ApiError``."""
         target = self.target_for(request)
-        credentials = await self._credentials_for(target, request, client_ip)
-        decision = await self.senders.authorize_sender(request.login, request.sender.wire)
-        if not decision.allowed:
-            raise ApiError.of(
-                "smtp_unauthorized_sender",
-                f"{request.login} may not send as {request.sender.wire}",
-                field="from",
-                detail={"reason": decision.reason},
-            )
+        if request.password is None:
+            credentials = await self._trusted_internal(target, request, client_ip)
+        else:
+            credentials = await self._credentials_for(target, request, client_ip)
+            decision = await self.senders.authorize_sender(request.login, request.sender.wire)
+            if not decision.allowed:
+                raise ApiError.of(
+                    "smtp_unauthorized_sender",
+                    f"{request.login} may not send as {request.sender.wire}",
+                    field="from",
+                    detail={"reason": decision.reason},
+                )
         message_id = make_message_id(self.new_token(), request.sender)
         extra = (("X-Request-Id", request_id),) if request_id else ()
         message = build_message(request, message_id=message_id, date=self.now(), extra_headers=extra)
@@ -142,11 +158,23 @@ class SendService:
             raise err from None
         return SendOutcome(request=request, target=target, envelope=envelope, message_id=message_id, result=result)
 
+    async def _trusted_internal(self, target: SmtpTarget, request: SendRequest, client_ip: str) -> None:
+        """No password: allowed only by --port25-no-password-from, and only for a local ``from``."""
+        if target.security is not Security.PLAIN or not self._internal_caller(client_ip):
+            raise ApiError.of("smtp_auth_required", field="password")
+        if not await self.senders.sender_has_owner(request.sender.wire):
+            raise ApiError.of(
+                "smtp_unauthorized_sender",
+                f"{request.sender.wire} is not a mailbox or alias of this mailcow server",
+                field="from",
+                detail={"reason": f"no owner for {request.sender.wire}"},
+            )
+        return None
+
     async def _credentials_for(self, target: SmtpTarget, request: SendRequest, client_ip: str) -> Credentials | None:
         """Port 25 checks nothing: the password is verified here, and no AUTH is sent."""
         if target.security is not Security.PLAIN:
-            if request.password is None:
-                raise ApiError.of("smtp_auth_required", field="password")
+            assert request.password is not None
             return Credentials(request.login, request.password)
         if self.local_auth is None:
             raise ApiError.of("smtp_port25_unavailable", field="smtp_port")

@@ -38,6 +38,10 @@ _HELP = {
     "max-attachments": "most attachments in one request",
     "trusted-proxies": "IPs/networks whose X-Forwarded-For is believed (e.g. mailcow's nginx); "
     "default: none, the TCP peer is the client",
+    "port25-no-password-from": "RISKY: client IPs/networks that may send on a port-25 (plain) target without a "
+    "mailbox password; the API key is still required and 'from' must be a local mailbox or alias. "
+    "Anyone there with the key can send as any local address. Default: none",
+    "local-auth-threads": "threads that verify mailbox passwords for port 25 (bounds the CPU a flood can use)",
 }
 
 

@@ -160,7 +160,7 @@ class SmtpApi:
         code = "smtp_mail_sent"
         try:
             await self.service.authenticate(request.getHeader("x-api-key"), client_ip)
-            parsed = self._parse(request)
+            parsed = self._parse(request, client_ip)
             outcome = await self.service.send(parsed, client_ip, request_id)
             body: Any = success_body(parsed, outcome.result, outcome.message_id, request_id)
             if outcome.result.refused:
@@ -180,7 +180,7 @@ class SmtpApi:
         self._log_send(request_id, client_ip, parsed, outcome, status, code, started)
         return _json_bytes(body)
 
-    def _parse(self, request: IRequest) -> SendRequest:
+    def _parse(self, request: IRequest, client_ip: str) -> SendRequest:
         content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
         if content_type != "application/json":
             raise ApiError.of("smtp_unsupported_media_type", field="Content-Type")
@@ -188,7 +188,7 @@ class SmtpApi:
         policy = ParsePolicy(
             max_recipients=self.service.config.max_recipients,
             max_attachments=self.service.config.max_attachments,
-            password_optional=self.service.password_optional,
+            password_optional=lambda port: self.service.password_optional(port, client_ip),
         )
         return parse_request(parse_json(raw), policy)
 

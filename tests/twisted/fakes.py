@@ -49,6 +49,25 @@ class FakeSenders:
         ok = (login.lower(), sender.lower()) in self.allowed
         return succeed(Decision(ok, "test rule" if ok else f"no owner for {sender}"))
 
+    def sender_has_owner(self, sender: str) -> Deferred[bool]:
+        self.calls.append(("", sender))
+        return succeed(any(s == sender.lower() for _, s in self.allowed))
+
+
+@attrs.define
+class FakeLocalAuth:
+    """Accepts one login/password pair; records every check."""
+
+    login: str = "user1@example.org"
+    password: str = "pw1"
+    calls: list[tuple[str, str | None]] = attrs.Factory(list)
+
+    def check_login(self, login: str, password: str | None) -> Deferred[Any]:
+        self.calls.append((login, password))
+        if (login, password) == (self.login, self.password):
+            return succeed(None)
+        return fail(ApiError.of("smtp_auth_failed"))
+
 
 @attrs.define
 class FakeSubmitter:

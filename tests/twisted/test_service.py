@@ -5,20 +5,21 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+import attrs
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailcow_smtp_api.config import from_options
 from mailcow_smtp_api.errors import ApiError, SmtpFailure
 from mailcow_smtp_api.service import SendService
-from mailcow_smtp_api.validate import parse_request
+from mailcow_smtp_api.validate import ParsePolicy, parse_request
 
-from .fakes import GOOD_KEY, FakeKeys, FakeSenders, FakeSubmitter, FakeThrottle
+from .fakes import GOOD_KEY, FakeKeys, FakeLocalAuth, FakeSenders, FakeSubmitter, FakeThrottle
 
 
 def make(**config: str) -> tuple[SendService, FakeKeys, FakeSenders, FakeSubmitter, FakeThrottle]:
     keys, senders, submitter, throttle = FakeKeys(), FakeSenders({("user1@example.org", "user1@example.org")}), FakeSubmitter(), FakeThrottle()
-    options = {"smtp-host": "127.0.0.1", "smtp-port": "10587", "smtp-allow": "127.0.0.1:10587,127.0.0.1:10465,127.0.0.1:25"}
+    options = {"smtp-host": "127.0.0.1", "smtp-port": "10587", "smtp-allow": "127.0.0.1:10587,127.0.0.1:10465,127.0.0.1:25,127.0.0.1:10025/plain"}
     options.update(config)
     service = SendService(
         config=from_options(options, environ={}),
@@ -30,6 +31,9 @@ def make(**config: str) -> tuple[SendService, FakeKeys, FakeSenders, FakeSubmitt
         new_token=lambda: "tok",
     )
     return service, keys, senders, submitter, throttle
+
+
+_BASE: dict[str, Any] = {"from": "user1@example.org", "to": ["r@example.net"], "subject": "s", "body": "b", "password": "p"}
 
 
 def request(**fields: Any) -> Any:
@@ -130,3 +134,51 @@ class SendServiceTests(SynchronousTestCase):
         """The right key authenticates."""
         service, _, _, _, _ = make()
         self.assertEqual(self.successResultOf(ensureDeferred(service.authenticate(GOOD_KEY, "192.0.2.1"))), {"api_key": GOOD_KEY})
+
+
+class Port25Tests(SynchronousTestCase):
+    """The plain path: the sidecar verifies the password itself and sends without AUTH."""
+
+    def setUp(self) -> None:
+        self.service, _, self.senders, self.submitter, self.throttle = make(**{"port25-no-password-from": "10.9.0.0/16"})
+        self.local = FakeLocalAuth()
+        self.service.local_auth = self.local
+
+    def test_verified_login_sends_without_auth(self) -> None:
+        """A right password on port 25 is checked locally, then submitted with no credentials."""
+        self.successResultOf(ensureDeferred(self.service.send(request(smtp_port=10025), "192.0.2.1")))
+        self.assertEqual(self.local.calls, [("user1@example.org", "pw1")])
+        target, creds, _, _ = self.submitter.sent[0]
+        self.assertEqual((target.port, creds), (10025, None))
+
+    def test_wrong_password_is_refused_and_counted(self) -> None:
+        """A wrong password on port 25 never reaches SMTP and counts toward the throttle."""
+        err = self.failureResultOf(ensureDeferred(self.service.send(request(smtp_port=10025, password="bad"), "192.0.2.5")), ApiError).value
+        self.assertEqual(err.code, "smtp_auth_failed")
+        self.assertEqual(self.submitter.sent, [])
+        self.assertEqual(self.throttle.failures, {"192.0.2.5": 1})
+
+    def test_verified_login_still_needs_the_sender_rule(self) -> None:
+        """Port 25 applies mailcow's sender rule itself: postfix will not."""
+        err = self.failureResultOf(
+            ensureDeferred(self.service.send(request(smtp_port=10025, smtp_user="user1@example.org", **{"from": "boss@example.org"}), "192.0.2.1")), ApiError
+        ).value
+        self.assertEqual(err.code, "smtp_unauthorized_sender")
+        self.assertEqual(self.submitter.sent, [])
+
+    def test_no_password_only_from_listed_networks_and_local_senders(self) -> None:
+        """Without password: allowed from --port25-no-password-from for a local from; refused otherwise."""
+        self.assertTrue(self.service.password_optional(10025, "10.9.1.2"))
+        self.assertFalse(self.service.password_optional(10025, "192.0.2.1"))
+        self.assertFalse(self.service.password_optional(10587, "10.9.1.2"))
+        ok = parse_request({"from": "user1@example.org", "to": ["r@example.net"], "subject": "s", "body": "b", "smtp_port": 10025},
+                           ParsePolicy(password_optional=lambda port: True))
+        self.successResultOf(ensureDeferred(self.service.send(ok, "10.9.1.2")))
+        self.assertEqual(self.submitter.sent[-1][1], None)
+        self.assertEqual(self.local.calls, [])
+        foreign = attrs.evolve(ok, sender=parse_request({**_BASE, "from": "x@elsewhere.example"}).sender)
+        err = self.failureResultOf(ensureDeferred(self.service.send(foreign, "10.9.1.2")), ApiError).value
+        self.assertEqual(err.code, "smtp_unauthorized_sender")
+        err = self.failureResultOf(ensureDeferred(self.service.send(ok, "192.0.2.1")), ApiError).value
+        self.assertEqual(err.code, "smtp_auth_required")
+        self.assertEqual(len(self.submitter.sent), 1)
