@@ -31,6 +31,8 @@ setup(
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
             "mypy>=1.10",
+            "pyyaml>=6",
+            "types-PyYAML",
         ],
     },
     entry_points={
