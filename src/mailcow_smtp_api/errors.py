@@ -200,6 +200,10 @@ def smtp_failure_to_api_error(f: SmtpFailure) -> ApiError:
             status=502,
             detail=detail,
         )
+    if f.kind == "protocol" and f.phase == "auth":
+        return ApiError.of(
+            "smtp_error", "the SMTP server offers no AUTH mechanism this service supports (PLAIN or LOGIN)", detail=detail
+        )
     if f.kind == "protocol":
         return ApiError.of("smtp_error", "the SMTP server answered something that is not SMTP", status=502, detail=detail)
     return ApiError.of(

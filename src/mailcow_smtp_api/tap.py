@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import socket
 import sys
 from datetime import datetime, timezone
 from typing import Any
@@ -100,6 +101,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         reactor,
         TlsSettings(ca_file=config.smtp_ca, server_name=config.smtp_tls_name, verify=config.smtp_tls_verify),
         timeout=config.smtp_timeout,
+        helo_name=socket.gethostname() or "localhost",
     )
     throttle = Throttle(clock=reactor.seconds)
     send_service = SendService(

@@ -251,6 +251,9 @@ def _password(obj: Mapping[str, Any], port: int | None, policy: ParsePolicy) -> 
     if password and app_password and password != app_password:
         _fail("smtp_invalid_field", "app_password", "give either 'password' or 'app_password', not two different ones")
     secret = password or app_password
+    if secret and "\x00" in secret:
+        # SASL PLAIN separates its fields with NUL: such a password can never log in.
+        _fail("smtp_invalid_field", "password" if password else "app_password", "the password must not contain NUL characters")
     if not secret:
         if policy.password_optional(port):
             return None

@@ -122,6 +122,7 @@ def test_unknown_field_is_named() -> None:
         ("smtp_host", 1, "smtp_invalid_field"),
         ("smtp_user", "nobody", "smtp_invalid_smtp_user"),
         ("password", 123, "smtp_invalid_field"),
+        ("password", "a\x00b", "smtp_invalid_field"),
         ("attachments", {"filename": "a"}, "smtp_invalid_attachment"),
     ],
 )
