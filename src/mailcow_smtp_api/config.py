@@ -42,6 +42,8 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     port25_no_password_from: tuple[str, ...] = ()
     local_auth_threads: int = 4
+    metrics_listen: str | None = None
+    log_format: str = "text"
 
     @property
     def default_target(self) -> SmtpTarget:
@@ -72,6 +74,8 @@ OPTION_DEFAULTS: dict[str, str | None] = {
     "trusted-proxies": "",
     "port25-no-password-from": "",
     "local-auth-threads": str(_DEFAULTS.local_auth_threads),
+    "metrics-listen": None,
+    "log-format": _DEFAULTS.log_format,
 }
 FLAGS = ("smtp-tls-no-verify",)
 
@@ -165,8 +169,16 @@ def parse_networks(value: str, option: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+MAILCOW_DB_HOST = "mysql-mailcow"
+DEFAULT_DB = "sqlite:smtpapi.sqlite"
+
+
 def mailcow_db_url(environ: Mapping[str, str]) -> str | None:
-    """A MariaDB URL from mailcow.conf's DBHOST/DBUSER/DBPASS/DBNAME, or None when DBNAME is unset."""
+    """A MariaDB URL from mailcow.conf's names (DBNAME, DBUSER, DBPASS, DBHOST), or None without DBNAME.
+
+    DBHOST defaults to ``mysql-mailcow`` (mailcow's database container); a DBHOST starting with
+    ``/`` is the server's unix socket (mailcow's containers use /var/run/mysqld/mysqld.sock).
+    """
     from urllib.parse import quote
 
     name = environ.get("DBNAME")
@@ -174,9 +186,17 @@ def mailcow_db_url(environ: Mapping[str, str]) -> str | None:
         return None
     user = quote(environ.get("DBUSER", "mailcow"), safe="")
     password = quote(environ.get("DBPASS", ""), safe="")
-    host = environ.get("DBHOST", "mysql-mailcow")
-    auth = f"{user}:{password}" if password else user
-    return f"mysql://{auth}@{host}:3306/{quote(name, safe='')}"
+    host = environ.get("DBHOST", MAILCOW_DB_HOST)
+    if host.startswith("/"):
+        return f"mysql://{user}:{password}@/{quote(name, safe='')}?unix_socket={quote(host)}"
+    port = environ.get("DBPORT", "3306")
+    netloc = f"[{host}]" if ":" in host else host
+    return f"mysql://{user}:{password}@{netloc}:{port}/{quote(name, safe='')}"
+
+
+def default_db_url(environ: Mapping[str, str]) -> str:
+    """The database when no ``--db`` is given: SMTPAPI_DB, then mailcow's DB* names, then embedded SQLite."""
+    return environ.get(env_name("db")) or mailcow_db_url(environ) or DEFAULT_DB
 
 
 def resolve_text(options: Mapping[str, object], environ: Mapping[str, str]) -> dict[str, str | None]:
@@ -189,7 +209,7 @@ def resolve_text(options: Mapping[str, object], environ: Mapping[str, str]) -> d
         else:
             out[name] = environ.get(env_name(name), default)
     if out["db"] is None:
-        out["db"] = mailcow_db_url(environ) or "sqlite:smtpapi.sqlite"
+        out["db"] = default_db_url(environ)
     return out
 
 
@@ -217,6 +237,10 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
     db = (text["db"] or "").strip()
     if not (db.startswith("sqlite:") or db.startswith("mysql://")):
         raise ConfigError("--db must be sqlite:PATH or mysql://USER:PASS@HOST:PORT/NAME")
+    log_format = (text["log-format"] or "text").strip().lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError("--log-format must be text or json")
+    metrics_listen = (text["metrics-listen"] or "").strip() or None
     listen = (text["listen"] or "").strip()
     if not listen:
         raise ConfigError("--listen must be a Twisted endpoint description such as tcp:8080")
@@ -236,4 +260,6 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         trusted_proxies=parse_networks(text["trusted-proxies"] or "", "trusted-proxies"),
         port25_no_password_from=parse_networks(text["port25-no-password-from"] or "", "port25-no-password-from"),
         local_auth_threads=_int(text["local-auth-threads"] or "", "local-auth-threads", 1, 64),
+        metrics_listen=metrics_listen,
+        log_format=log_format,
     )

@@ -147,7 +147,7 @@ RETRY_AFTER_SECONDS = 60
 
 
 def _detail(f: SmtpFailure) -> dict[str, Any]:
-    detail: dict[str, Any] = {"phase": f.phase, "reason": f.reason or f.kind}
+    detail: dict[str, Any] = {"phase": f.phase, "kind": f.kind, "reason": f.reason or f.kind}
     if f.code is not None:
         detail["smtp_code"] = f.code
         detail["smtp_text"] = f.text

@@ -43,6 +43,9 @@ _HELP = {
     "mailbox password; the API key is still required and 'from' must be a local mailbox or alias. "
     "Anyone there with the key can send as any local address. Default: none",
     "local-auth-threads": "threads that verify mailbox passwords for port 25 (bounds the CPU a flood can use)",
+    "metrics-listen": "Twisted endpoint serving Prometheus metrics at /metrics, e.g. tcp:9090:interface=127.0.0.1 "
+    "(kept off the API's port); default: no metrics endpoint",
+    "log-format": "text (one line per event) or json (one JSON object per line)",
 }
 
 
@@ -77,6 +80,15 @@ class Options(usage.Options):
             self.config = from_options(given)
         except ConfigError as err:
             raise SystemExit(f"smtpapi: {err}") from None
+        if self.config.log_format == "json" and self.parent is not None:
+            # twistd builds its log observer from its own --logger option after parsing.
+            self.parent["logger"] = _json_logger
+
+
+def _json_logger() -> Any:
+    from .logs import json_lines_observer
+
+    return json_lines_observer(sys.stdout)
 
 
 def _now() -> datetime:
@@ -84,8 +96,11 @@ def _now() -> datetime:
 
 
 def build_service(config: Config, reactor: Any) -> app_service.MultiService:
-    """Wire the database, SMTP client, throttle, service and HTTP site into one service tree."""
+    """Wire the database, SMTP client, password checks, throttle, service and HTTP site into one tree."""
     from .db import open_database
+    from .localauth import LocalPasswordVerifier
+    from .locallogin import LocalLogin
+    from .metrics import Metrics, MetricsResource
     from .service import SendService
     from .smtp import SmtpSubmitter, TlsSettings
     from .throttle import Throttle
@@ -93,38 +108,56 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
 
     if not config.smtp_tls_verify:
         log.warn("TLS certificate verification towards postfix is OFF (--smtp-tls-no-verify): insecure")
+    if config.port25_no_password_from:
+        log.warn(
+            "requests from {networks} may send on port 25 without a mailbox password (--port25-no-password-from)",
+            networks=", ".join(config.port25_no_password_from),
+        )
     try:
         database = open_database(config.db, reactor)
     except ValueError as err:
         raise SystemExit(f"smtpapi: --db: {err}") from None
+    top = app_service.MultiService()
     submitter = SmtpSubmitter(
         reactor,
         TlsSettings(ca_file=config.smtp_ca, server_name=config.smtp_tls_name, verify=config.smtp_tls_verify),
         timeout=config.smtp_timeout,
         helo_name=socket.gethostname() or "localhost",
     )
-    throttle = Throttle(clock=reactor.seconds)
+    verifier = LocalPasswordVerifier(reactor, config.local_auth_threads, reactor)
+    verifier.setServiceParent(top)
+    metrics = Metrics()
     send_service = SendService(
         config=config,
         keys=database,
         senders=database,
         submitter=submitter,
-        throttle=throttle,
+        throttle=Throttle(clock=reactor.seconds),
         now=_now,
         new_token=lambda: secrets.token_hex(16),
+        local_auth=LocalLogin(database, verifier),
     )
+
+    def postfix_ready() -> Any:
+        # Greeting, TLS (with certificate checks) and EHLO on the default target; no AUTH, no mail.
+        return submitter.open_session(config.default_target, None).addCallback(lambda session: session.quit())
+
     api = SmtpApi(
         service=send_service,
-        ready_checks=(("database", database.ping),),
+        ready_checks=(("database", database.ping), ("postfix", postfix_ready)),
         trusted_proxies=config.trusted_proxies,
         clock=reactor.seconds,
+        metrics=metrics,
     )
     site = Site(api.resource())
     site.requestFactory = request_factory(config.max_request_bytes)
     site.displayTracebacks = False
-    top = app_service.MultiService()
     SchemaCheck(database, reactor).setServiceParent(top)
     strports.service(config.listen, site, reactor=reactor).setServiceParent(top)
+    if config.metrics_listen:
+        metrics_site = Site(MetricsResource(metrics))
+        metrics_site.displayTracebacks = False
+        strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(top)
     return top
 
 

@@ -22,6 +22,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .apikeys import client_address
 from .errors import ApiError
+from .metrics import Metrics
 from .model import SendRequest
 from .openapi import document as openapi_document
 from .responses import error_body, success_body
@@ -131,6 +132,7 @@ class SmtpApi:
     ready_checks: tuple[tuple[str, Callable[[], Deferred[Any]]], ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     clock: Callable[[], float] = time.monotonic
+    metrics: Metrics | None = None
 
     app = Klein()
 
@@ -178,7 +180,28 @@ class SmtpApi:
         request.setResponseCode(status)
         request.setHeader("Content-Type", "application/json")
         self._log_send(request_id, client_ip, parsed, outcome, status, code, started)
+        self._count(status, code, body, started)
         return _json_bytes(body)
+
+    def _count(self, status: int, code: str, body: Any, started: float) -> None:
+        """Metrics for one send: request counter, latency, SMTP outcome, auth and database failures."""
+        if self.metrics is None:
+            return
+        self.metrics.requests.labels(route="send", status=str(status), code=code).inc()
+        self.metrics.send_seconds.observe(max(0.0, self.clock() - started))
+        detail = body[0].get("detail", {}) if isinstance(body, list) else {}
+        if status == 200:
+            self.metrics.smtp_replies.labels(outcome="2xx").inc()
+        elif "smtp_code" in detail:
+            self.metrics.smtp_replies.labels(outcome=f"{int(detail['smtp_code']) // 100}xx").inc()
+        elif "kind" in detail:
+            self.metrics.smtp_replies.labels(outcome=str(detail["kind"])).inc()
+        if isinstance(body, dict) and status in (401, 403):
+            self.metrics.auth_failures.labels(kind="api_key").inc()
+        elif code in ("smtp_auth_failed",):
+            self.metrics.auth_failures.labels(kind="mailbox").inc()
+        elif code == "smtp_db_unavailable":
+            self.metrics.db_errors.inc()
 
     def _parse(self, request: IRequest, client_ip: str) -> SendRequest:
         content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()

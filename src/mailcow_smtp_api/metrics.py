@@ -1,0 +1,69 @@
+"""Prometheus metrics (text format) with the standard client library.
+
+One ``Metrics`` object per process owns its own registry, so tests can make fresh ones. Labels
+hold only bounded values: route, HTTP status, error code, SMTP reply class, failure kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.web.resource import Resource
+
+
+class Metrics:
+    """The service's counters and histograms."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "smtpapi_http_requests",
+            "HTTP requests answered, by route, status and result code",
+            ["route", "status", "code"],
+            registry=self.registry,
+        )
+        self.send_seconds = Histogram(
+            "smtpapi_send_duration_seconds",
+            "Time from request to answer for POST /api/v1/send/email",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.smtp_replies = Counter(
+            "smtpapi_smtp_outcomes",
+            "SMTP submissions by outcome: 2xx, 4xx, 5xx reply classes or a failure kind (timeout, connect, tls, ...)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "smtpapi_auth_failures",
+            "Failed authentications by kind (api_key, mailbox)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.db_errors = Counter(
+            "smtpapi_database_errors", "Requests answered smtp_db_unavailable", registry=self.registry
+        )
+        self.pool_sessions = Gauge(
+            "smtpapi_smtp_pool_sessions", "Open pooled SMTP sessions", ["state"], registry=self.registry
+        )
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return bytes(generate_latest(self.registry))
+
+
+class MetricsResource(Resource):
+    """``GET /metrics`` (on whatever endpoint the operator chose)."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: Any) -> bytes:
+        """The current figures."""
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self.metrics.render()
