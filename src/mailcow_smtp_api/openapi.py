@@ -91,7 +91,7 @@ def document() -> dict[str, Any]:
             "content": {"application/json": {"schema": _error_list(sorted(codes))}},
         }
         for status, codes in sorted(by_status.items())
-        if status not in (401, 403, 404, 405)
+        if status not in (401, 403)
     }
     bare = {
         "type": "object",

@@ -82,10 +82,11 @@ class Options(usage.Options):
             raise SystemExit(f"smtpapi: {err}") from None
         if self.config.log_format == "json" and self.parent is not None:
             # twistd builds its log observer from its own --logger option after parsing.
-            self.parent["logger"] = _json_logger
+            self.parent["logger"] = f"{__name__}.json_logger"
 
 
-def _json_logger() -> Any:
+def json_logger() -> Any:
+    """twistd --logger factory: JSON lines on standard output."""
     from .logs import json_lines_observer
 
     return json_lines_observer(sys.stdout)
