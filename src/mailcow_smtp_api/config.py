@@ -44,6 +44,8 @@ class Config:
     local_auth_threads: int = 4
     metrics_listen: str | None = None
     log_format: str = "text"
+    state_db: str = "sqlite:smtpapi-state.sqlite"
+    idempotency_ttl: float = 24 * 3600.0
 
     @property
     def default_target(self) -> SmtpTarget:
@@ -76,6 +78,8 @@ OPTION_DEFAULTS: dict[str, str | None] = {
     "local-auth-threads": str(_DEFAULTS.local_auth_threads),
     "metrics-listen": None,
     "log-format": _DEFAULTS.log_format,
+    "state-db": _DEFAULTS.state_db,
+    "idempotency-ttl": str(int(_DEFAULTS.idempotency_ttl)),
 }
 FLAGS = ("smtp-tls-no-verify",)
 
@@ -237,6 +241,11 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
     db = (text["db"] or "").strip()
     if not (db.startswith("sqlite:") or db.startswith("mysql://")):
         raise ConfigError("--db must be sqlite:PATH or mysql://USER:PASS@HOST:PORT/NAME")
+    state_db = (text["state-db"] or "").strip()
+    if not state_db.startswith(("sqlite:", "mysql://")):
+        raise ConfigError("--state-db must be sqlite:PATH or mysql://USER:PASS@HOST:PORT/NAME")
+    if state_db == db:
+        raise ConfigError("--state-db must not be the --db database: the sidecar never writes to mailcow's database")
     log_format = (text["log-format"] or "text").strip().lower()
     if log_format not in ("text", "json"):
         raise ConfigError("--log-format must be text or json")
@@ -262,4 +271,7 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         local_auth_threads=_int(text["local-auth-threads"] or "", "local-auth-threads", 1, 64),
         metrics_listen=metrics_listen,
         log_format=log_format,
+        state_db=state_db,
+        # At least a minute (a retry must find its record), at most a year.
+        idempotency_ttl=_float(text["idempotency-ttl"] or "", "idempotency-ttl", 60.0, 365 * 24 * 3600.0),
     )

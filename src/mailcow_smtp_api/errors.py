@@ -45,6 +45,18 @@ CODES: dict[str, tuple[int, str]] = {
     "smtp_too_many_failures": (429, "too many failed attempts from this address; wait and try again"),
     "smtp_busy": (503, "too many password checks are in progress; try again shortly"),
     "smtp_db_unavailable": (503, "mailcow's database cannot be reached; try again shortly"),
+    # inline images, custom headers, message ids (RFC 2392, RFC 5322 3.6, RFC 2369 / RFC 8058)
+    "smtp_missing_inline_part": (400, "the HTML references a cid: URL that no attachment's content_id provides"),
+    "smtp_unused_inline_part": (400, "an attachment has a content_id that the HTML body never references"),
+    "smtp_invalid_header": (400, "a custom header needs a valid name and a single-line value"),
+    "smtp_header_not_allowed": (400, "this header is written by the service and cannot be set in 'headers'"),
+    "smtp_invalid_message_id": (400, "message ids must look like <left@right>: ASCII, no spaces"),
+    "smtp_invalid_list_unsubscribe": (400, "list_unsubscribe needs an https URL and/or a mailto address"),
+    # Idempotency-Key
+    "smtp_invalid_idempotency_key": (400, "Idempotency-Key must be one header of 1-255 printable ASCII characters"),
+    "smtp_idempotency_mismatch": (409, "this Idempotency-Key was already used with a different request body"),
+    "smtp_idempotency_in_flight": (409, "a request with this Idempotency-Key is still in progress; retry shortly"),
+    "smtp_idempotency_unavailable": (503, "the idempotency store cannot be reached; retry shortly"),
     "smtp_internal_error": (500, "an unexpected error occurred; the request id is in the log"),
     "not_found": (404, "no such route"),
     "method_not_allowed": (405, "this route does not accept that method"),
@@ -100,8 +112,17 @@ class ApiError(Exception):
 
     @classmethod
     def mailcow(cls, status: int, msg: str) -> ApiError:
-        """An API-key failure worded and shaped exactly as mailcow's."""
-        return cls(code=msg, status=status, message=msg, bare=True)
+        """An API-key failure worded and shaped exactly as mailcow's.
+
+        ``code`` is a stable name for logs and metrics (mailcow's message can hold the client's IP).
+        """
+        if msg == API_RW_DENIED:
+            code = "api_read_write_denied"
+        elif msg.startswith("api access denied for ip"):
+            code = "api_ip_denied"
+        else:
+            code = "api_authentication_failed"
+        return cls(code=code, status=status, message=msg, bare=True)
 
 
 # --------------------------------------------------------------------------- SMTP outcomes

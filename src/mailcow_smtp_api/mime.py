@@ -3,6 +3,16 @@
 The message is 7-bit clean (postfix may relay it to servers without 8BITMIME, and the SMTP client
 announces no BODY=8BITMIME), uses CRLF line endings only, and keeps every line under 998 octets
 (RFC 5322 2.1.1). Pure core.
+
+Its structure, from the outside in (each level only when needed):
+
+    multipart/mixed                 when there are ordinary attachments
+      multipart/alternative         when there is both a text and an HTML body
+        text/plain
+        multipart/related           when the HTML shows inline parts (RFC 2387)
+          text/html
+          inline parts, each with its Content-ID (RFC 2392)
+      attachments
 """
 
 from __future__ import annotations
@@ -11,10 +21,10 @@ import re
 from datetime import datetime
 from email import policy as email_policy
 from email.headerregistry import Address as HeaderAddress
-from email.message import EmailMessage
+from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
 
-from .model import Address, Envelope, SendRequest
+from .model import Address, Attachment, Envelope, SendRequest
 
 # Generate with CRLF and re-encode anything 8-bit; header folding per RFC 5322 with RFC 2047 words.
 _POLICY = email_policy.SMTP.clone(cte_type="7bit", max_line_length=78)
@@ -43,17 +53,21 @@ def _ensure_final_newline(text: str) -> str:
 
 
 def _fill_body(message: EmailMessage, request: SendRequest) -> None:
-    """Text and HTML as multipart/alternative; attachments turn it into multipart/mixed."""
+    """Text and HTML as multipart/alternative, inline parts beside the HTML, attachments in mixed."""
     if request.body.strip():
         body = _ensure_final_newline(request.body)
         message.set_content(body, subtype="plain", charset="utf-8", cte=_text_cte(body))
         if request.html_body.strip():
             html = _ensure_final_newline(request.html_body)
             message.add_alternative(html, subtype="html", charset="utf-8", cte=_text_cte(html))
+            _add_inline_parts(list(message.iter_parts())[-1], request.attachments)
     else:
         html = _ensure_final_newline(request.html_body)
         message.set_content(html, subtype="html", charset="utf-8", cte=_text_cte(html))
+        _add_inline_parts(message, request.attachments)
     for attachment in request.attachments:
+        if attachment.inline:
+            continue
         maintype, subtype = attachment.content_type.split("/", 1)
         # Filenames go out as RFC 2231 parameters when they are not ASCII (the policy does this).
         message.add_attachment(
@@ -65,6 +79,25 @@ def _fill_body(message: EmailMessage, request: SendRequest) -> None:
         )
 
 
+def _add_inline_parts(html_part: MIMEPart, attachments: tuple[Attachment, ...]) -> None:
+    """Turn the HTML part into multipart/related holding the HTML first, then each inline part."""
+    inline = [a for a in attachments if a.inline]
+    for attachment in inline:
+        maintype, subtype = attachment.content_type.split("/", 1)
+        html_part.add_related(
+            attachment.content,
+            maintype=maintype,
+            subtype=subtype,
+            cid=f"<{attachment.content_id}>",
+            filename=attachment.filename,
+            disposition="inline",
+            cte="base64",
+        )
+    if inline:
+        # RFC 2387 3.1: the type parameter names the root part's type, and is required.
+        html_part.set_param("type", "text/html")
+
+
 def build_message(
     request: SendRequest,
     *,
@@ -74,7 +107,8 @@ def build_message(
 ) -> bytes:
     """The complete RFC 5322 message with CRLF line endings, not dot-stuffed.
 
-    ``message_id`` is the full ``<...>`` value. ``extra_headers`` are trusted (set by the service).
+    ``message_id`` is the full ``<...>`` value. The caller's ``headers`` follow the service's own;
+    ``extra_headers`` are trusted (set by the service) and come last.
     """
     message = EmailMessage(policy=email_policy.default)
     message["From"] = _header_address(request.sender)
@@ -85,12 +119,64 @@ def build_message(
         message["Reply-To"] = _header_address(request.reply_to)
     message["Subject"] = request.subject
     message["Date"] = format_datetime(date)
-    message["Message-ID"] = message_id
-    for name, value in extra_headers:
+    # Free text: the library folds long values and writes non-ASCII as RFC 2047 encoded words.
+    for name, value in (*request.headers, *extra_headers):
         message[name] = value
     _fill_body(message, request)
-    data = message.as_bytes(policy=_POLICY)
-    return normalise_crlf(data)
+    data = normalise_crlf(message.as_bytes(policy=_POLICY))
+    return _insert_headers(data, identity_headers(request, message_id))
+
+
+def identity_headers(request: SendRequest, message_id: str) -> list[tuple[str, tuple[str, ...], str]]:
+    """Message-ID, threading and unsubscribe headers as (name, items, separator).
+
+    These hold angle-bracketed ids and URLs, which must reach the reader byte for byte.
+    """
+    headers: list[tuple[str, tuple[str, ...], str]] = [("Message-ID", (message_id,), " ")]
+    if request.in_reply_to is not None:
+        headers.append(("In-Reply-To", (request.in_reply_to,), " "))
+    # RFC 5322 3.6.4: References is the parent's References plus the parent's id. Without the
+    # former, the parent's id alone still lets clients that thread by References find the parent.
+    references = request.references or ((request.in_reply_to,) if request.in_reply_to else ())
+    if references:
+        headers.append(("References", references, " "))
+    unsubscribe = request.list_unsubscribe
+    if unsubscribe is not None:
+        targets = []
+        if unsubscribe.url is not None:
+            targets.append(f"<{unsubscribe.url}>")
+        if unsubscribe.mailto is not None:
+            targets.append(f"<mailto:{unsubscribe.mailto}>")
+        headers.append(("List-Unsubscribe", tuple(targets), ", "))
+        if unsubscribe.url is not None:
+            # RFC 8058 3.1: this exact value tells the receiver to POST to the https URL.
+            headers.append(("List-Unsubscribe-Post", ("List-Unsubscribe=One-Click",), " "))
+    return headers
+
+
+def fold_items(name: str, items: tuple[str, ...], separator: str, width: int = 78) -> bytes:
+    """``Name: item1 item2`` folded only between items, each line CRLF-terminated.
+
+    The email library would turn an unbreakable item longer than a line into RFC 2047 encoded
+    words, which breaks ids and URLs (RFC 2047 5: no encoded words in structured fields). Items
+    are validated ASCII without white space, so folding between them is always safe; one long
+    item keeps its line (at most 998 octets, checked by validation's length limits).
+    """
+    lines = [f"{name}:"]
+    for index, item in enumerate(items):
+        piece = item + (separator.rstrip() if index < len(items) - 1 else "")
+        if len(lines[-1]) + 1 + len(piece) > width and lines[-1] != f"{name}:":
+            lines.append(" " + piece)
+        else:
+            lines[-1] += " " + piece
+    return "\r\n".join(lines).encode("ascii") + b"\r\n"
+
+
+def _insert_headers(data: bytes, headers: list[tuple[str, tuple[str, ...], str]]) -> bytes:
+    """Add pre-folded header lines at the end of the top-level header block."""
+    end = data.index(b"\r\n\r\n") + 2
+    block = b"".join(fold_items(name, items, separator) for name, items, separator in headers)
+    return data[:end] + block + data[end:]
 
 
 _ANY_EOL = re.compile(rb"\r\n|\r|\n")

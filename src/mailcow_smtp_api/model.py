@@ -35,11 +35,30 @@ class Address:
 
 @attrs.frozen
 class Attachment:
-    """A decoded attachment: a safe file name, its bytes and a ``type/subtype`` MIME type."""
+    """A decoded attachment: a safe file name, its bytes and a ``type/subtype`` MIME type.
+
+    ``content_id`` (without angle brackets) makes it an inline part that the HTML body shows
+    through a ``cid:`` URL (RFC 2392); such a part has ``disposition`` ``inline``.
+    """
 
     filename: str
     content: bytes = attrs.field(repr=False)
     content_type: str = "application/octet-stream"
+    content_id: str | None = None
+    disposition: str = "attachment"
+
+    @property
+    def inline(self) -> bool:
+        """True for a part the HTML references by its Content-ID."""
+        return self.content_id is not None
+
+
+@attrs.frozen
+class ListUnsubscribe:
+    """Where a recipient unsubscribes (RFC 2369): an https URL for RFC 8058 one-click, and/or a mailbox."""
+
+    url: str | None = None
+    mailto: str | None = None
 
 
 class Security(str, Enum):
@@ -89,7 +108,11 @@ class Credentials:
 
 @attrs.frozen
 class SendRequest:
-    """A validated send request. Built only by ``validate.parse_request``."""
+    """A validated send request. Built only by ``validate.parse_request``.
+
+    ``headers`` are the caller's extra header fields in order, none of them one the sidecar writes
+    itself. ``message_id``, ``in_reply_to`` and ``references`` are full ``<left@right>`` ids.
+    """
 
     sender: Address
     to: tuple[Address, ...]
@@ -104,6 +127,11 @@ class SendRequest:
     smtp_port: int | None = None
     login: str = ""
     password: str | None = attrs.field(default=None, repr=False)
+    headers: tuple[tuple[str, str], ...] = ()
+    message_id: str | None = None
+    in_reply_to: str | None = None
+    references: tuple[str, ...] = ()
+    list_unsubscribe: ListUnsubscribe | None = None
 
     def recipients(self) -> tuple[Address, ...]:
         """Every to/cc/bcc address once, first occurrence wins, compared case-insensitively."""

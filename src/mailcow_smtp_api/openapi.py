@@ -9,11 +9,25 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import API_AUTH_FAILED, API_RW_DENIED, CODES
+from .idempotency import HEADER as IDEMPOTENCY_HEADER
+from .idempotency import REPLAYED_HEADER
+from .validate import (
+    MAX_CUSTOM_HEADERS,
+    MAX_HEADER_VALUE_CHARS,
+    MAX_REFERENCES,
+    MAX_UNSUBSCRIBE_URL,
+)
 
 VERSION = "0.1.0"
 
 _ADDRESS = {"type": "string", "maxLength": 512, "examples": ["sender@example.com", '"Doe, Jane" <jane@example.org>']}
 _ADDRESS_LIST = {"type": ["array", "null"], "items": _ADDRESS}
+_MESSAGE_ID = {
+    "type": "string",
+    "maxLength": 250,
+    "pattern": "^<[^<>@\\s]+@[^<>@\\s]+>$",
+    "examples": ["<order-1234@shop.example.com>"],
+}
 
 
 def _send_request_schema() -> dict[str, Any]:
@@ -40,8 +54,64 @@ def _send_request_schema() -> dict[str, Any]:
                         "filename": {"type": "string", "minLength": 1, "maxLength": 255},
                         "content": {"type": "string", "contentEncoding": "base64"},
                         "content_type": {"type": ["string", "null"], "examples": ["application/pdf"]},
+                        "content_id": {
+                            "type": ["string", "null"],
+                            "pattern": "^<?[A-Za-z0-9._+-]{1,100}(@[A-Za-z0-9._+-]{1,100})?>?$",
+                            "examples": ["logo@example.com"],
+                            "description": "Makes this an inline part of the HTML, shown where html_body has "
+                            "cid:<content_id>. Every cid: in html_body needs such a part "
+                            "(smtp_missing_inline_part) and every such part a cid: (smtp_unused_inline_part).",
+                        },
+                        "disposition": {
+                            "enum": ["inline", "attachment", None],
+                            "description": "inline (the default, and required, with content_id) or attachment.",
+                        },
                     },
                 },
+            },
+            "headers": {
+                "type": ["object", "null"],
+                "maxProperties": MAX_CUSTOM_HEADERS,
+                "propertyNames": {"pattern": "^[!-9;-~]{1,76}$"},
+                "additionalProperties": {"type": "string", "minLength": 1, "maxLength": MAX_HEADER_VALUE_CHARS},
+                "examples": [{"X-Campaign": "spring-2026", "Auto-Submitted": "auto-generated"}],
+                "description": "Extra header fields: one line each, non-ASCII sent as RFC 2047 encoded words. Names "
+                "the service writes are refused with smtp_header_not_allowed: From, Sender, To, Cc, Bcc, Reply-To, "
+                "Subject, Date, Message-ID, In-Reply-To, References, MIME-Version, Content-*, Received, Return-Path, "
+                "Delivered-To, X-Original-To, DKIM-Signature, DomainKey-Signature, ARC-*, Authentication-Results, "
+                "Received-SPF, Resent-*, X-Spam*, X-Rspamd*, X-Request-Id; List-Unsubscribe and "
+                "List-Unsubscribe-Post when list_unsubscribe is given.",
+            },
+            "message_id": {
+                **_MESSAGE_ID,
+                "type": ["string", "null"],
+                "description": "The Message-ID to use (ASCII dot-atoms around one @, in angle brackets); "
+                "by default one is generated on the sender's domain.",
+            },
+            "in_reply_to": {**_MESSAGE_ID, "type": ["string", "null"], "description": "In-Reply-To: the parent's Message-ID."},
+            "references": {
+                "type": ["array", "string", "null"],
+                "items": _MESSAGE_ID,
+                "maxItems": MAX_REFERENCES,
+                "description": "References: message ids oldest first (an array, or one string separated by spaces). "
+                "Without it, in_reply_to alone is also written as References.",
+            },
+            "list_unsubscribe": {
+                "type": ["object", "null"],
+                "additionalProperties": False,
+                "minProperties": 1,
+                "properties": {
+                    "url": {
+                        "type": "string",
+                        "format": "uri",
+                        "pattern": "^https://",
+                        "maxLength": MAX_UNSUBSCRIBE_URL,
+                        "description": "One-click unsubscribe endpoint; adds List-Unsubscribe-Post: "
+                        "List-Unsubscribe=One-Click (RFC 8058), to which receivers POST.",
+                    },
+                    "mailto": {**_ADDRESS, "description": "Address that unsubscribes on receipt of any mail."},
+                },
+                "description": "Writes List-Unsubscribe (RFC 2369) from url and/or mailto.",
             },
             "smtp_host": {"type": ["string", "null"], "description": "Only hosts in the server's --smtp-allow."},
             "smtp_port": {"type": ["integer", "null"], "minimum": 1, "maximum": 65535},
@@ -110,18 +180,49 @@ def document() -> dict[str, Any]:
         "type": "array",
         "items": {
             "type": "object",
-            "required": ["type", "log", "msg"],
+            "required": ["type", "log", "msg", "message_id", "queue_id", "recipients"],
             "properties": {
                 "type": {"enum": ["success", "danger"]},
                 "log": {"type": "array"},
-                "msg": {"type": "array", "prefixItems": [{"enum": ["smtp_mail_sent", "smtp_partially_sent"]}]},
-                "message_id": {"type": "string"},
-                "queue_id": {"type": ["string", "null"]},
-                "recipients": {"type": "array"},
-                "refused": {"type": "array", "items": {"type": "string"}},
+                "msg": {
+                    "type": "array",
+                    "prefixItems": [{"enum": ["smtp_mail_sent", "smtp_partially_sent"]}],
+                    "description": "[smtp_mail_sent, from, to list]; or [smtp_partially_sent, from, accepted, refused]",
+                },
+                "message_id": {"type": "string", "description": "The Message-ID header of the message."},
+                "queue_id": {"type": ["string", "null"], "description": "postfix's queue id ('queued as')."},
+                "recipients": {
+                    "type": "array",
+                    "description": "postfix's reply to each RCPT TO (to, cc and bcc, each once).",
+                    "items": {
+                        "type": "object",
+                        "required": ["address", "smtp_code", "smtp_text"],
+                        "properties": {
+                            "address": {"type": "string"},
+                            "smtp_code": {"type": "integer"},
+                            "smtp_text": {"type": "string"},
+                        },
+                    },
+                },
+                "refused": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "Only with smtp_partially_sent: recipients postfix refused; the others got the message.",
+                },
             },
         },
     }
+    send_headers = {
+        "X-Request-Id": {"schema": {"type": "string"}, "description": "This request's id in the service's log."},
+        REPLAYED_HEADER: {
+            "schema": {"const": "true"},
+            "description": f"Present when the answer is the stored one of an earlier request with the same "
+            f"{IDEMPOTENCY_HEADER} and body: nothing was sent this time.",
+        },
+        "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait (409 in flight, 429, 503)."},
+    }
+    for response in error_responses.values():
+        response["headers"] = send_headers
     status_schema = {"type": "object", "properties": {"status": {"type": "string"}}}
     return {
         "openapi": "3.1.0",
@@ -138,6 +239,22 @@ def document() -> dict[str, Any]:
                 "post": {
                     "operationId": "sendEmail",
                     "security": [{"apiKey": []}],
+                    "parameters": [
+                        {
+                            "name": IDEMPOTENCY_HEADER,
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
+                            "description": "Send at most once: a repeat with the same key and the same body "
+                            f"(byte for byte) returns the stored answer with {REPLAYED_HEADER}: true and sends "
+                            "nothing; another body answers 409 smtp_idempotency_mismatch; a repeat while the first "
+                            "is running answers 409 smtp_idempotency_in_flight with Retry-After. Keys belong to the "
+                            "API key and are kept for --idempotency-ttl (24 h). Stored: answers after an SMTP "
+                            "connection (including outcome-unknown timeouts), except 503 retry-later answers. "
+                            "Not stored: failures before SMTP (validation, API key, sender rule), so a corrected "
+                            "retry may reuse the key.",
+                        }
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _send_request_schema()}},
@@ -145,7 +262,7 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": {
                             "description": "smtp_mail_sent, or smtp_partially_sent when some recipients were refused",
-                            "headers": {"X-Request-Id": {"schema": {"type": "string"}}},
+                            "headers": send_headers,
                             "content": {"application/json": {"schema": success}},
                         },
                         **error_responses,

@@ -6,18 +6,31 @@ fakes and the process wires in the database, the SMTP client and the clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
+from . import idempotency
 from .apikeys import ip_in, parse_networks
 from .config import Config
 from .errors import ApiError, SmtpFailure, smtp_failure_to_api_error
+from .idempotency import Answer, Claim, Record, State, Verdict
 from .mime import build_message, envelope_for, make_message_id
-from .model import Credentials, Envelope, Security, SendRequest, SmtpTarget, SubmitResult
+from .model import (
+    Credentials,
+    Envelope,
+    Security,
+    SendRequest,
+    SmtpTarget,
+    SubmitResult,
+)
+from .responses import error_body
+
+log = Logger(namespace="smtpapi.service")
 
 
 class KeyChecker(Protocol):
@@ -66,8 +79,28 @@ class FailureThrottle(Protocol):
 class LocalAuthenticator(Protocol):
     """Verifies a mailbox password against the database (for port 25, where postfix checks nothing)."""
 
-    def check_login(self, login: str, password: str | None) -> Deferred[Any]:
+    def check_login(self, login: str, password: str | None) -> Awaitable[Any]:
         """Fire when the login and password are valid; fail with an ``ApiError`` otherwise."""
+
+
+class IdempotencyStore(Protocol):
+    """Where idempotency records live (shared by every instance of the sidecar)."""
+
+    def claim(self, claim: Claim) -> Deferred[Record | None]:
+        """Fire None when the key is now claimed by ``claim``, or with the live record holding it."""
+
+    def settle(self, scope: str, key: str, token: str, state: State, answer: Answer) -> Deferred[bool]:
+        """Store ``answer`` on the in-flight record claimed with ``token``; fire False when it is gone."""
+
+    def release(self, claim: Claim) -> Deferred[bool]:
+        """Delete the in-flight record made by ``claim``."""
+
+
+@attrs.define
+class Progress:
+    """How far one send got: ``reached_smtp`` turns True just before the SMTP submission starts."""
+
+    reached_smtp: bool = False
 
 
 @attrs.frozen
@@ -130,11 +163,17 @@ class SendService:
             )
         return target
 
-    async def send(self, request: SendRequest, client_ip: str, request_id: str = "") -> SendOutcome:
-        """Authorize, build and submit ``request``; fail with an ``ApiError``."""
+    async def send(
+        self, request: SendRequest, client_ip: str, request_id: str = "", progress: Progress | None = None
+    ) -> SendOutcome:
+        """Authorize, build and submit ``request``; fail with an ``ApiError``.
+
+        The caller's ``message_id`` is used when given (it was validated), else one is made up.
+        """
         target = self.target_for(request)
+        credentials: Credentials | None = None
         if request.password is None:
-            credentials = await self._trusted_internal(target, request, client_ip)
+            await self._trusted_internal(target, request, client_ip)
         else:
             credentials = await self._credentials_for(target, request, client_ip)
             decision = await self.senders.authorize_sender(request.login, request.sender.wire)
@@ -145,10 +184,12 @@ class SendService:
                     field="from",
                     detail={"reason": decision.reason},
                 )
-        message_id = make_message_id(self.new_token(), request.sender)
+        message_id = request.message_id or make_message_id(self.new_token(), request.sender)
         extra = (("X-Request-Id", request_id),) if request_id else ()
         message = build_message(request, message_id=message_id, date=self.now(), extra_headers=extra)
         envelope = envelope_for(request)
+        if progress is not None:
+            progress.reached_smtp = True
         try:
             result = await self.submitter.submit(target, credentials, envelope, message)
         except SmtpFailure as failure:
@@ -191,3 +232,84 @@ class SendService:
         wait = self.throttle.retry_after(client_ip)
         if wait is not None:
             raise ApiError.of("smtp_too_many_failures", retry_after=wait)
+
+
+@attrs.frozen
+class Completion:
+    """A finished attempt: its answer, and how the key keeps it (None: released, nothing stored)."""
+
+    answer: Answer
+    state: State | None
+
+
+@attrs.define
+class IdempotentSends:
+    """Runs a send at most once per (API key, Idempotency-Key) and replays its stored answer.
+
+    The claim is taken before the body is parsed: a repeat is recognised by its raw bytes, and a
+    replay needs neither the database checks nor SMTP. A repeat that finds the first one still in
+    flight is refused at once (409 with Retry-After) rather than held open.
+    """
+
+    store: IdempotencyStore
+    now: Callable[[], float]
+    new_token: Callable[[], str]
+    ttl: float = idempotency.DEFAULT_TTL_SECONDS
+    lease: float = 3600.0
+
+    async def run(
+        self,
+        raw_api_key: str | None,
+        key: str,
+        raw_body: bytes,
+        attempt: Callable[[], Awaitable[Completion]],
+        request_id: str,
+    ) -> tuple[Answer, bool]:
+        """The answer for this request and whether it is a replay; 409/503 as ``ApiError``."""
+        now = self.now()
+        claim = Claim(
+            scope=idempotency.scope_of(raw_api_key),
+            key=key,
+            fingerprint=idempotency.fingerprint(raw_body, raw_api_key),
+            token=self.new_token(),
+            created_at=now,
+            lease_until=now + self.lease,
+            expires_at=now + self.ttl,
+        )
+        holder = await self.store.claim(claim)
+        if holder is not None:
+            return await self._taken(holder, claim, request_id), True
+        completion = await attempt()
+        await self._keep(claim, completion)
+        return completion.answer, False
+
+    async def _taken(self, holder: Record, claim: Claim, request_id: str) -> Answer:
+        verdict = idempotency.judge(holder, claim, self.now())
+        if verdict is Verdict.MISMATCH:
+            raise ApiError.of("smtp_idempotency_mismatch", field=idempotency.HEADER)
+        if verdict is Verdict.IN_FLIGHT:
+            raise ApiError.of(
+                "smtp_idempotency_in_flight", field=idempotency.HEADER, retry_after=idempotency.IN_FLIGHT_RETRY_AFTER
+            )
+        if verdict is Verdict.INTERRUPTED:
+            err = idempotency.interrupted_error()
+            answer = Answer(err.status, err.code, error_body(err, None, request_id))
+            await self.store.settle(holder.scope, holder.key, holder.token, State.OUTCOME_UNKNOWN, answer)
+            return answer
+        return holder.answer()
+
+    async def _keep(self, claim: Claim, completion: Completion) -> None:
+        """Store or release; a failure here is logged, the caller still gets the real answer.
+
+        Left in flight, the record turns into "interrupted" when its lease ends: a retry is then
+        told the outcome is unknown instead of sending a second copy.
+        """
+        try:
+            if completion.state is None:
+                await self.store.release(claim)
+            elif not await self.store.settle(claim.scope, claim.key, claim.token, completion.state, completion.answer):
+                log.warn("idempotency record was settled by another request meanwhile; this answer is not stored")
+        except ApiError as err:
+            log.error("idempotency record could not be updated ({code})", code=err.code)
+        except Exception:
+            log.failure("idempotency record could not be updated")

@@ -46,6 +46,10 @@ _HELP = {
     "metrics-listen": "Twisted endpoint serving Prometheus metrics at /metrics, e.g. tcp:9090:interface=127.0.0.1 "
     "(kept off the API's port); default: no metrics endpoint",
     "log-format": "text (one line per event) or json (one JSON object per line)",
+    "state-db": "the sidecar's own database for Idempotency-Key records: sqlite:PATH (this instance, or "
+    "instances on one host) or mysql://USER:PASS@HOST:PORT/NAME (shared by every instance; not mailcow's "
+    "database); its table is created on first use",
+    "idempotency-ttl": "seconds an Idempotency-Key and its stored answer are kept",
 }
 
 
@@ -102,8 +106,10 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     from .localauth import LocalPasswordVerifier
     from .locallogin import LocalLogin
     from .metrics import Metrics, MetricsResource
-    from .service import SendService
+    from .idempotency import lease_seconds
+    from .service import IdempotentSends, SendService
     from .smtp import SmtpSubmitter, TlsSettings
+    from .state import StatePurger, open_state_store
     from .throttle import Throttle
     from .web import SmtpApi, request_factory
 
@@ -118,7 +124,12 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         database = open_database(config.db, reactor)
     except ValueError as err:
         raise SystemExit(f"smtpapi: --db: {err}") from None
+    try:
+        state = open_state_store(config.state_db, reactor, mailcow_db=config.db)
+    except ValueError as err:
+        raise SystemExit(f"smtpapi: --state-db: {err}") from None
     top = app_service.MultiService()
+    StatePurger(state, reactor).setServiceParent(top)
     submitter = SmtpSubmitter(
         reactor,
         TlsSettings(ca_file=config.smtp_ca, server_name=config.smtp_tls_name, verify=config.smtp_tls_verify),
@@ -145,10 +156,17 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
 
     api = SmtpApi(
         service=send_service,
-        ready_checks=(("database", database.ping), ("postfix", postfix_ready)),
+        ready_checks=(("database", database.ping), ("postfix", postfix_ready), ("state", state.ping)),
         trusted_proxies=config.trusted_proxies,
         clock=reactor.seconds,
         metrics=metrics,
+        idempotency=IdempotentSends(
+            store=state,
+            now=reactor.seconds,
+            new_token=lambda: secrets.token_hex(16),
+            ttl=config.idempotency_ttl,
+            lease=lease_seconds(config.smtp_timeout, config.max_recipients),
+        ),
     )
     site = Site(api.resource())
     site.requestFactory = request_factory(config.max_request_bytes)

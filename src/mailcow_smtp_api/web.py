@@ -20,13 +20,15 @@ from twisted.web import server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from . import idempotency
 from .apikeys import client_address
 from .errors import ApiError
+from .idempotency import Answer
 from .metrics import Metrics
 from .model import SendRequest
 from .openapi import document as openapi_document
 from .responses import error_body, success_body
-from .service import SendOutcome, SendService
+from .service import Completion, IdempotentSends, Progress, SendOutcome, SendService
 from .validate import ParsePolicy, parse_json, parse_request
 
 log = Logger(namespace="smtpapi")
@@ -61,6 +63,13 @@ class LimitedRequest(server.Request):
     max_body = 30 * 1024 * 1024
     _refused = False
     _received = 0
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        # The API reads only JSON bodies. twisted.web would otherwise parse every urlencoded or
+        # multipart POST into request.args before any route runs (CPU on up to max_body bytes),
+        # and answer a malformed multipart body with a bare 400 instead of the coded 415.
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(channel, *args, **kwargs)
 
     def gotLength(self, length: int | None) -> None:
         """Refuse at once when the declared length is over the limit; else buffer as usual."""
@@ -125,6 +134,18 @@ def shield(d: Deferred[Any]) -> Deferred[Any]:
 
 
 @attrs.define
+class _Run:
+    """What one send request got to: the parsed request and the SMTP outcome, for logs."""
+
+    parsed: SendRequest | None = None
+    outcome: SendOutcome | None = None
+
+
+def _error_answer(err: ApiError, parsed: SendRequest | None, request_id: str) -> Answer:
+    return Answer(err.status, err.code, error_body(err, parsed, request_id), err.retry_after)
+
+
+@attrs.define
 class SmtpApi:
     """The HTTP API. ``app`` is class-held, as Klein recommends for testable apps."""
 
@@ -133,6 +154,7 @@ class SmtpApi:
     trusted_proxies: tuple[str, ...] = ()
     clock: Callable[[], float] = time.monotonic
     metrics: Metrics | None = None
+    idempotency: IdempotentSends | None = None
 
     app = Klein()
 
@@ -156,39 +178,73 @@ class SmtpApi:
         started = self.clock()
         client_ip = self._client_ip(request)
         request.setHeader("X-Request-Id", request_id)
-        parsed: SendRequest | None = None
-        outcome: SendOutcome | None = None
-        status = 200
-        code = "smtp_mail_sent"
+        run = _Run()
+        replayed = False
         try:
             await self.service.authenticate(request.getHeader("x-api-key"), client_ip)
-            parsed = self._parse(request, client_ip)
-            outcome = await self.service.send(parsed, client_ip, request_id)
-            body: Any = success_body(parsed, outcome.result, outcome.message_id, request_id)
-            if outcome.result.refused:
-                code = "smtp_partially_sent"
+            key = idempotency.parse_key(request.requestHeaders.getRawHeaders(b"idempotency-key"))
+            raw = request.content.read() if request.content is not None else b""
+            if key is None:
+                answer = (await self._attempt(request, raw, client_ip, request_id, run)).answer
+            else:
+                answer, replayed = await self._once(request, key, raw, client_ip, request_id, run)
         except ApiError as err:
-            status, code = err.status, err.code
-            body = error_body(err, parsed, request_id)
-            if err.retry_after is not None:
-                request.setHeader("Retry-After", str(err.retry_after))
+            answer = _error_answer(err, run.parsed, request_id)
         except Exception:
             log.failure("unexpected error in request {request_id}", request_id=request_id)
-            err = ApiError.of("smtp_internal_error")
-            status, code = err.status, err.code
-            body = error_body(err, parsed, request_id)
-        request.setResponseCode(status)
+            answer = _error_answer(ApiError.of("smtp_internal_error"), run.parsed, request_id)
+        request.setResponseCode(answer.status)
         request.setHeader("Content-Type", "application/json")
-        self._log_send(request_id, client_ip, parsed, outcome, status, code, started)
-        self._count(status, code, body, started)
-        return _json_bytes(body)
+        if answer.retry_after is not None:
+            request.setHeader("Retry-After", str(answer.retry_after))
+        if replayed:
+            request.setHeader(idempotency.REPLAYED_HEADER, "true")
+        self._log_send(request_id, client_ip, run.parsed, run.outcome, answer.status, answer.code, started, replayed)
+        self._count(answer.status, answer.code, answer.body, started, replayed)
+        return answer.body_bytes()
 
-    def _count(self, status: int, code: str, body: Any, started: float) -> None:
-        """Metrics for one send: request counter, latency, SMTP outcome, auth and database failures."""
+    async def _once(
+        self, request: IRequest, key: str, raw: bytes, client_ip: str, request_id: str, run: _Run
+    ) -> tuple[Answer, bool]:
+        """A request with an Idempotency-Key: sent at most once, its answer kept and replayed."""
+        if self.idempotency is None:
+            raise ApiError.of("smtp_idempotency_unavailable", field=idempotency.HEADER)
+        return await self.idempotency.run(
+            request.getHeader("x-api-key"),
+            key,
+            raw,
+            lambda: self._attempt(request, raw, client_ip, request_id, run),
+            request_id,
+        )
+
+    async def _attempt(self, request: IRequest, raw: bytes, client_ip: str, request_id: str, run: _Run) -> Completion:
+        """Parse and send; every failure becomes an answer, with how far the send got."""
+        progress = Progress()
+        outcome_unknown = False
+        try:
+            run.parsed = self._parse(request, raw, client_ip)
+            run.outcome = await self.service.send(run.parsed, client_ip, request_id, progress)
+            body = success_body(run.parsed, run.outcome.result, run.outcome.message_id, request_id)
+            answer = Answer(200, "smtp_partially_sent" if run.outcome.result.refused else "smtp_mail_sent", body)
+        except ApiError as err:
+            answer = _error_answer(err, run.parsed, request_id)
+            outcome_unknown = bool((err.detail or {}).get("outcome_unknown"))
+        except Exception:
+            log.failure("unexpected error in request {request_id}", request_id=request_id)
+            answer = _error_answer(ApiError.of("smtp_internal_error"), run.parsed, request_id)
+        return Completion(answer, idempotency.settled_state(progress.reached_smtp, answer, outcome_unknown))
+
+    def _count(self, status: int, code: str, body: Any, started: float, replayed: bool = False) -> None:
+        """Metrics for one send: request counter, latency, SMTP outcome, auth and database failures.
+
+        A replayed answer counts as a request only: its SMTP outcome was counted when it happened.
+        """
         if self.metrics is None:
             return
         self.metrics.requests.labels(route="send", status=str(status), code=code).inc()
         self.metrics.send_seconds.observe(max(0.0, self.clock() - started))
+        if replayed:
+            return
         detail = body[0].get("detail", {}) if isinstance(body, list) else {}
         if status == 200:
             self.metrics.smtp_replies.labels(outcome="2xx").inc()
@@ -203,11 +259,10 @@ class SmtpApi:
         elif code == "smtp_db_unavailable":
             self.metrics.db_errors.inc()
 
-    def _parse(self, request: IRequest, client_ip: str) -> SendRequest:
+    def _parse(self, request: IRequest, raw: bytes, client_ip: str) -> SendRequest:
         content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
         if content_type != "application/json":
             raise ApiError.of("smtp_unsupported_media_type", field="Content-Type")
-        raw = request.content.read() if request.content is not None else b""
         policy = ParsePolicy(
             max_recipients=self.service.config.max_recipients,
             max_attachments=self.service.config.max_attachments,
@@ -224,10 +279,11 @@ class SmtpApi:
         status: int,
         code: str,
         started: float,
+        replayed: bool = False,
     ) -> None:
         log.info(
             "send {request_id} ip={client_ip} login={login} from={sender} rcpts={rcpts} status={status} "
-            "code={code} queue_id={queue_id} ms={ms}",
+            "code={code} queue_id={queue_id} replayed={replayed} ms={ms}",
             request_id=request_id,
             client_ip=client_ip,
             login=parsed.login if parsed else "-",
@@ -236,6 +292,7 @@ class SmtpApi:
             status=status,
             code=code,
             queue_id=(outcome.result.queue_id if outcome else None) or "-",
+            replayed="yes" if replayed else "no",
             ms=int((self.clock() - started) * 1000),
         )
 
