@@ -45,6 +45,9 @@ class Config:
     metrics_listen: str | None = None
     log_format: str = "text"
     state_db: str = "sqlite:smtpapi-state.sqlite"
+    smtp_pool_size: int = 4
+    smtp_pool_max_age: float = 300.0
+    smtp_max_connections: int = 50
     idempotency_ttl: float = 24 * 3600.0
 
     @property
@@ -79,6 +82,9 @@ OPTION_DEFAULTS: dict[str, str | None] = {
     "metrics-listen": None,
     "log-format": _DEFAULTS.log_format,
     "state-db": _DEFAULTS.state_db,
+    "smtp-pool-size": str(_DEFAULTS.smtp_pool_size),
+    "smtp-pool-max-age": str(int(_DEFAULTS.smtp_pool_max_age)),
+    "smtp-max-connections": str(_DEFAULTS.smtp_max_connections),
     "idempotency-ttl": str(int(_DEFAULTS.idempotency_ttl)),
 }
 FLAGS = ("smtp-tls-no-verify",)
@@ -272,6 +278,9 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         metrics_listen=metrics_listen,
         log_format=log_format,
         state_db=state_db,
+        smtp_pool_size=_int(text["smtp-pool-size"] or "", "smtp-pool-size", 0, 100),
+        smtp_pool_max_age=_float(text["smtp-pool-max-age"] or "", "smtp-pool-max-age", 1.0, 3600.0),
+        smtp_max_connections=_int(text["smtp-max-connections"] or "", "smtp-max-connections", 1, 1000),
         # At least a minute (a retry must find its record), at most a year.
         idempotency_ttl=_float(text["idempotency-ttl"] or "", "idempotency-ttl", 60.0, 365 * 24 * 3600.0),
     )

@@ -50,6 +50,11 @@ _HELP = {
     "instances on one host) or mysql://USER:PASS@HOST:PORT/NAME (shared by every instance; not mailcow's "
     "database); its table is created on first use",
     "idempotency-ttl": "seconds an Idempotency-Key and its stored answer are kept",
+    "smtp-pool-size": "idle authenticated SMTP sessions kept per (target, login, password) for reuse; 0 opens "
+    "a new connection for every message",
+    "smtp-pool-max-age": "seconds a pooled session is used at most (also how long a password changed in mailcow "
+    "keeps working through an open session)",
+    "smtp-max-connections": "SMTP sessions in use at once per target; further sends wait for one",
 }
 
 
@@ -106,6 +111,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     from .localauth import LocalPasswordVerifier
     from .locallogin import LocalLogin
     from .metrics import Metrics, MetricsResource
+    from .pool import SessionPool
     from .idempotency import lease_seconds
     from .service import IdempotentSends, SendService
     from .smtp import SmtpSubmitter, TlsSettings
@@ -139,11 +145,26 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     verifier = LocalPasswordVerifier(reactor, config.local_auth_threads, reactor)
     verifier.setServiceParent(top)
     metrics = Metrics()
+
+    def pool_figures(idle: int, busy: int) -> None:
+        metrics.pool_sessions.labels(state="idle").set(idle)
+        metrics.pool_sessions.labels(state="busy").set(busy)
+
+    pool = SessionPool(
+        submitter,
+        reactor,
+        max_idle_per_key=config.smtp_pool_size,
+        max_busy_per_target=config.smtp_max_connections,
+        max_age=config.smtp_pool_max_age,
+        idle_timeout=min(30.0, config.smtp_pool_max_age),
+        on_change=pool_figures,
+    )
+    PoolService(pool).setServiceParent(top)
     send_service = SendService(
         config=config,
         keys=database,
         senders=database,
-        submitter=submitter,
+        submitter=pool,
         throttle=Throttle(clock=reactor.seconds),
         now=_now,
         new_token=lambda: secrets.token_hex(16),
@@ -178,6 +199,23 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         metrics_site.displayTracebacks = False
         strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(top)
     return top
+
+
+class PoolService(app_service.Service):
+    """Starts the SMTP session pool's sweeper with the process and says QUIT to idle sessions at the end."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        """Begin closing expired idle sessions periodically."""
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Any:
+        """QUIT every idle session."""
+        super().stopService()
+        return self.pool.close()
 
 
 class SchemaCheck(app_service.Service):
