@@ -575,3 +575,17 @@ def test_entry_point_with_the_compose_environment_refuses_a_bad_setting(tmp_path
     assert result.returncode != 0
     assert "--trusted-proxies: 'nginx-mailcow' is not an IP address or network" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_state_database_lives_on_a_writable_volume() -> None:
+    """With a read-only root, the default --state-db file (relative to WORKDIR) sits on a named volume."""
+    service = compose_service()
+    instructions = dockerfile_instructions(DOCKERFILE.read_text())
+    workdir = dockerfile_one(instructions, "WORKDIR")
+    default_state = Config().state_db
+    assert default_state.startswith("sqlite:") and not default_state[len("sqlite:"):].startswith("/")
+    assert service["read_only"] is True
+    mounts = {entry.split(":")[1]: entry.split(":")[0] for entry in service["volumes"]}
+    assert workdir in mounts
+    document = yaml.safe_load(COMPOSE.read_text())
+    assert mounts[workdir] in document["volumes"]
