@@ -103,6 +103,14 @@ class Progress:
     reached_smtp: bool = False
 
 
+BUILD_OFFLOAD_BYTES = 64 * 1024
+
+
+def _size(request: SendRequest) -> int:
+    """Roughly how many bytes the message will have before encoding."""
+    return len(request.body) + len(request.html_body) + sum(len(a.content) for a in request.attachments)
+
+
 @attrs.frozen
 class SendOutcome:
     """A message the SMTP server accepted, and how."""
@@ -126,6 +134,8 @@ class SendService:
     now: Callable[[], datetime]
     new_token: Callable[[], str]
     local_auth: LocalAuthenticator | None = None
+    # Runs a callable in a worker thread; None builds every message on the calling thread.
+    offload: Callable[[Callable[[], Any]], Deferred[Any]] | None = None
 
     async def authenticate(self, raw_key: str | None, client_ip: str) -> Any:
         """Check the API key for a write action; count failures toward the address's throttle."""
@@ -186,7 +196,13 @@ class SendService:
                 )
         message_id = request.message_id or make_message_id(self.new_token(), request.sender)
         extra = (("X-Request-Id", request_id),) if request_id else ()
-        message = build_message(request, message_id=message_id, date=self.now(), extra_headers=extra)
+        date = self.now()
+
+        def build() -> bytes:
+            return build_message(request, message_id=message_id, date=date, extra_headers=extra)
+
+        # Building megabytes of MIME (base64 of the attachments) must not stall the reactor.
+        message = await self.offload(build) if self.offload is not None and _size(request) > BUILD_OFFLOAD_BYTES else build()
         envelope = envelope_for(request)
         if progress is not None:
             progress.reached_smtp = True

@@ -160,11 +160,14 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         on_change=pool_figures,
     )
     PoolService(pool).setServiceParent(top)
+    workers = Workers(reactor)
+    workers.setServiceParent(top)
     send_service = SendService(
         config=config,
         keys=database,
         senders=database,
         submitter=pool,
+        offload=workers.run,
         throttle=Throttle(clock=reactor.seconds),
         now=_now,
         new_token=lambda: secrets.token_hex(16),
@@ -181,6 +184,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         trusted_proxies=config.trusted_proxies,
         clock=reactor.seconds,
         metrics=metrics,
+        offload=workers.run,
         idempotency=IdempotentSends(
             store=state,
             now=reactor.seconds,
@@ -199,6 +203,32 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         metrics_site.displayTracebacks = False
         strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(top)
     return top
+
+
+class Workers(app_service.Service):
+    """A small thread pool for CPU work on large messages (JSON and base64 decoding, MIME building)."""
+
+    def __init__(self, reactor: Any, threads: int = 2) -> None:
+        from twisted.python.threadpool import ThreadPool
+
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="smtpapi-workers")
+
+    def run(self, work: Any) -> Any:
+        """Run ``work()`` in the pool; a Deferred with its result."""
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.pool, work)
+
+    def startService(self) -> None:
+        """Start the threads with the process."""
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Any:
+        """Stop the threads."""
+        super().stopService()
+        self.pool.stop()
 
 
 class PoolService(app_service.Service):

@@ -34,6 +34,8 @@ from .validate import ParsePolicy, parse_json, parse_request
 log = Logger(namespace="smtpapi")
 
 JSON = b"application/json"
+# Bodies larger than this are parsed (JSON, base64) off the reactor thread.
+OFFLOAD_BYTES = 64 * 1024
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -154,6 +156,8 @@ class SmtpApi:
     trusted_proxies: tuple[str, ...] = ()
     clock: Callable[[], float] = time.monotonic
     metrics: Metrics | None = None
+    # Runs a callable in a worker thread (tap: a small dedicated pool); None runs everything inline.
+    offload: Callable[[Callable[[], Any]], Deferred[Any]] | None = None
     idempotency: IdempotentSends | None = None
 
     app = Klein()
@@ -222,7 +226,7 @@ class SmtpApi:
         progress = Progress()
         outcome_unknown = False
         try:
-            run.parsed = self._parse(request, raw, client_ip)
+            run.parsed = await self._parse_off_reactor(request, raw, client_ip)
             run.outcome = await self.service.send(run.parsed, client_ip, request_id, progress)
             body = success_body(run.parsed, run.outcome.result, run.outcome.message_id, request_id)
             answer = Answer(200, "smtp_partially_sent" if run.outcome.result.refused else "smtp_mail_sent", body)
@@ -259,15 +263,20 @@ class SmtpApi:
         elif code == "smtp_db_unavailable":
             self.metrics.db_errors.inc()
 
-    def _parse(self, request: IRequest, raw: bytes, client_ip: str) -> SendRequest:
+    async def _parse_off_reactor(self, request: IRequest, raw: bytes, client_ip: str) -> SendRequest:
+        """Parse the body; a large one (megabytes of base64) is decoded in a worker thread."""
         content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
         if content_type != "application/json":
             raise ApiError.of("smtp_unsupported_media_type", field="Content-Type")
+        # The policy's callback reads only immutable configuration, so it may run in a thread.
         policy = ParsePolicy(
             max_recipients=self.service.config.max_recipients,
             max_attachments=self.service.config.max_attachments,
             password_optional=lambda port: self.service.password_optional(port, client_ip),
         )
+        if self.offload is not None and len(raw) > OFFLOAD_BYTES:
+            parsed: SendRequest = await self.offload(lambda: parse_request(parse_json(raw), policy))
+            return parsed
         return parse_request(parse_json(raw), policy)
 
     def _log_send(

@@ -182,3 +182,25 @@ class Port25Tests(SynchronousTestCase):
         err = self.failureResultOf(ensureDeferred(self.service.send(ok, "192.0.2.1")), ApiError).value
         self.assertEqual(err.code, "smtp_auth_required")
         self.assertEqual(len(self.submitter.sent), 1)
+
+
+class OffloadTests(SynchronousTestCase):
+    """Large messages are built by the offload function (a worker thread in the real process)."""
+
+    def test_large_messages_are_built_off_the_calling_thread(self) -> None:
+        """A message over 64 KiB goes through offload; a small one does not."""
+        from twisted.internet.defer import maybeDeferred
+
+        service, _, _, submitter, _ = make()
+        calls: list[str] = []
+
+        def offload(work: Any) -> Any:
+            calls.append("offloaded")
+            return maybeDeferred(work)
+
+        service.offload = offload
+        self.successResultOf(ensureDeferred(service.send(request(), "192.0.2.1")))
+        self.assertEqual(calls, [])
+        self.successResultOf(ensureDeferred(service.send(request(body="x" * 100_000), "192.0.2.1")))
+        self.assertEqual(calls, ["offloaded"])
+        self.assertIn(b"xxxx", submitter.sent[-1][3])
