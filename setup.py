@@ -31,6 +31,7 @@ setup(
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
             "mypy>=1.10",
+            "mypy-zope>=1.0",
             "pyyaml>=6",
             "types-PyYAML",
         ],

@@ -282,8 +282,10 @@ def _name_check(server_name: str) -> Callable[[X509 | None], str | None]:
     return check
 
 
-def _ssl_reason(exc: BaseException) -> str:
+def _ssl_reason(exc: BaseException | None) -> str:
     """OpenSSL's reason strings (e.g. "certificate verify failed"), without anything we sent."""
+    if exc is None:
+        return "TLS handshake failed"
     details = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
     reasons = [str(item[2]) for item in details if isinstance(item, tuple) and len(item) == 3]
     return "TLS handshake failed: " + ("; ".join(reasons) if reasons else type(exc).__name__)

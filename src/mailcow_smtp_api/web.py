@@ -101,6 +101,8 @@ class LimitedRequest(server.Request):
             "smtp_request_too_large", f"the request body is larger than {self.max_body} bytes (--max-request-bytes)"
         )
         transport = self.channel.transport
+        if transport is None:  # the client is already gone
+            return
         transport.write(_error_response(err, secrets.token_hex(8)))
         transport.loseConnection()
 
