@@ -48,6 +48,7 @@ class Config:
     smtp_pool_size: int = 4
     smtp_pool_max_age: float = 300.0
     smtp_max_connections: int = 50
+    db_cache_ttl: float = 5.0
     idempotency_ttl: float = 24 * 3600.0
 
     @property
@@ -85,6 +86,7 @@ OPTION_DEFAULTS: dict[str, str | None] = {
     "smtp-pool-size": str(_DEFAULTS.smtp_pool_size),
     "smtp-pool-max-age": str(int(_DEFAULTS.smtp_pool_max_age)),
     "smtp-max-connections": str(_DEFAULTS.smtp_max_connections),
+    "db-cache-ttl": str(int(_DEFAULTS.db_cache_ttl)),
     "idempotency-ttl": str(int(_DEFAULTS.idempotency_ttl)),
 }
 FLAGS = ("smtp-tls-no-verify",)
@@ -281,6 +283,7 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         smtp_pool_size=_int(text["smtp-pool-size"] or "", "smtp-pool-size", 0, 100),
         smtp_pool_max_age=_float(text["smtp-pool-max-age"] or "", "smtp-pool-max-age", 1.0, 3600.0),
         smtp_max_connections=_int(text["smtp-max-connections"] or "", "smtp-max-connections", 1, 1000),
+        db_cache_ttl=_float(text["db-cache-ttl"] or "", "db-cache-ttl", 0.0, 300.0),
         # At least a minute (a retry must find its record), at most a year.
         idempotency_ttl=_float(text["idempotency-ttl"] or "", "idempotency-ttl", 60.0, 365 * 24 * 3600.0),
     )

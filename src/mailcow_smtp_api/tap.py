@@ -55,6 +55,8 @@ _HELP = {
     "smtp-pool-max-age": "seconds a pooled session is used at most (also how long a password changed in mailcow "
     "keeps working through an open session)",
     "smtp-max-connections": "SMTP sessions in use at once per target; further sends wait for one",
+    "db-cache-ttl": "seconds API-key rows and sender decisions are cached (also the longest a revoked key or "
+    "sender right keeps working); 0 asks the database on every request; passwords are never cached",
 }
 
 
@@ -107,6 +109,7 @@ def _now() -> datetime:
 
 def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     """Wire the database, SMTP client, password checks, throttle, service and HTTP site into one tree."""
+    from .cache import CachedDatabase
     from .db import open_database
     from .localauth import LocalPasswordVerifier
     from .locallogin import LocalLogin
@@ -135,6 +138,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     except ValueError as err:
         raise SystemExit(f"smtpapi: --state-db: {err}") from None
     top = app_service.MultiService()
+    cached = CachedDatabase(database, reactor, ttl=config.db_cache_ttl)
     StatePurger(state, reactor).setServiceParent(top)
     submitter = SmtpSubmitter(
         reactor,
@@ -164,8 +168,8 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     workers.setServiceParent(top)
     send_service = SendService(
         config=config,
-        keys=database,
-        senders=database,
+        keys=cached,
+        senders=cached,
         submitter=pool,
         offload=workers.run,
         throttle=Throttle(clock=reactor.seconds),

@@ -690,6 +690,9 @@ def sidecar(testbed: Testbed, tmp_path: Path) -> Iterator[Callable[..., Sidecar]
             str(testbed.cert_path),
             "--smtp-tls-name",
             "localhost",
+            # Tests change rows between requests and expect the change at once.
+            "--db-cache-ttl",
+            "0",
             *extra,
         ]
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPAPI_")}

@@ -154,3 +154,16 @@ def test_openapi_document_is_served_and_complete(bed: Testbed, sidecar: Callable
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     for code in ("smtp_invalid_from", "smtp_unauthorized_sender", "smtp_error", "smtp_request_too_large"):
         assert code in text and code in readme
+
+
+def test_revoked_key_stops_working_within_the_cache_ttl(bed: Testbed, sidecar: Callable[..., Sidecar]) -> None:
+    """With --db-cache-ttl 2 a deleted API key is refused at most about 2 s later."""
+    running = sidecar("--db-cache-ttl", "2")
+    assert post(running.url, example_body())[0] == 200
+    bed.execute("DELETE FROM api WHERE api_key = %s", (API_KEY,))
+    deleted = time.monotonic()
+    while post(running.url, example_body())[0] == 200:
+        # 2 s of cache, plus one request's time and polling slack.
+        assert time.monotonic() - deleted < 3.5, "the revoked key kept working past the cache bound"
+        time.sleep(0.2)
+    assert post(running.url, example_body())[:2] == (401, {"type": "error", "msg": "authentication failed"})

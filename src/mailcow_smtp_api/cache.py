@@ -1,0 +1,90 @@
+"""A short-lived read cache in front of mailcow's database: API-key rows and sender decisions.
+
+Every request needs the API-key rows and a sender decision; asking MariaDB for them each time
+costs several thread hops and queries per message. Both are cached for ``ttl`` seconds
+(``--db-cache-ttl``, default 5 s, 0 turns caching off). That is also the longest a revoked key, a
+removed alias or a withdrawn sender right keeps working. Failures are never cached, and neither
+are passwords: port 25's password checks always read the current hash.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, fail, succeed
+
+from .apikeys import ApiKey, authenticate, normalise_key
+from .errors import API_AUTH_FAILED, ApiError
+from .model import LoginCredentials
+
+
+class Database(Protocol):
+    """The reads ``CachedDatabase`` wraps (db.MailcowDatabase)."""
+
+    def api_keys(self) -> Deferred[list[ApiKey]]: ...
+    def authorize_sender(self, login: str, sender: str) -> Deferred[Any]: ...
+    def sender_has_owner(self, sender: str) -> Deferred[bool]: ...
+    def login_credentials(self, login: str) -> Deferred[LoginCredentials]: ...
+    def ping(self) -> Deferred[None]: ...
+
+
+class CachedDatabase:
+    """The service's database interface, with API keys and sender decisions cached for ``ttl`` seconds."""
+
+    def __init__(self, database: Database, clock: Any, ttl: float = 5.0, max_entries: int = 50_000) -> None:
+        self.database = database
+        self.clock = clock
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._keys: tuple[float, list[ApiKey]] | None = None
+        self._decisions: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
+
+    def authenticate_key(self, raw_header: str | None, client_ip: str, need_write: bool) -> Deferred[ApiKey]:
+        """Like db.MailcowDatabase.authenticate_key, over cached key rows."""
+        if not normalise_key(raw_header):
+            return fail(ApiError.mailcow(401, API_AUTH_FAILED))
+        now = self.clock.seconds()
+        if self.ttl > 0 and self._keys is not None and now - self._keys[0] < self.ttl:
+            rows: Deferred[list[ApiKey]] = succeed(self._keys[1])
+        else:
+            rows = self.database.api_keys()
+            rows.addCallback(self._remember_keys, now)
+        return rows.addCallback(lambda keys: authenticate(raw_header, client_ip, need_write, keys))
+
+    def _remember_keys(self, keys: list[ApiKey], fetched: float) -> list[ApiKey]:
+        if self.ttl > 0:
+            self._keys = (fetched, keys)
+        return keys
+
+    def authorize_sender(self, login: str, sender: str) -> Deferred[Any]:
+        """mailcow's sender decision, from the cache while it is fresh."""
+        return self._cached(("decide", f"{login.lower()}\n{sender.lower()}"), lambda: self.database.authorize_sender(login, sender))
+
+    def sender_has_owner(self, sender: str) -> Deferred[bool]:
+        """Whether some login owns ``sender``, from the cache while it is fresh."""
+        return self._cached(("owner", sender.lower()), lambda: self.database.sender_has_owner(sender))
+
+    def login_credentials(self, login: str) -> Deferred[LoginCredentials]:
+        """Never cached: a changed password must take effect at once."""
+        return self.database.login_credentials(login)
+
+    def ping(self) -> Deferred[None]:
+        """The database's own readiness check."""
+        return self.database.ping()
+
+    def _cached(self, key: tuple[str, str], fetch: Any) -> Deferred[Any]:
+        now = self.clock.seconds()
+        hit = self._decisions.get(key)
+        if self.ttl > 0 and hit is not None and now - hit[0] < self.ttl:
+            return succeed(hit[1])
+        d: Deferred[Any] = fetch()
+        return d.addCallback(self._remember, key, now)
+
+    def _remember(self, value: Any, key: tuple[str, str], fetched: float) -> Any:
+        if self.ttl > 0:
+            self._decisions[key] = (fetched, value)
+            self._decisions.move_to_end(key)
+            while len(self._decisions) > self.max_entries:
+                self._decisions.popitem(last=False)
+        return value

@@ -1,0 +1,95 @@
+"""The database read cache: hits within the TTL, misses after it, failures and passwords never cached."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailcow_smtp_api.apikeys import ApiKey
+from mailcow_smtp_api.cache import CachedDatabase
+from mailcow_smtp_api.errors import ApiError
+from mailcow_smtp_api.model import LoginCredentials
+
+KEY = "AAAAAA-BBBBBB-CCCCCC-DDDDDD-EEEEEE"
+
+
+@attrs.define
+class CountingDb:
+    calls: list[str] = attrs.Factory(list)
+    keys: list[ApiKey] = attrs.Factory(lambda: [ApiKey(api_key=KEY, allow_from="", skip_ip_check=True, access="rw", active=True)])
+    down: bool = False
+
+    def api_keys(self) -> Deferred[list[ApiKey]]:
+        self.calls.append("keys")
+        return fail(ApiError.of("smtp_db_unavailable")) if self.down else succeed(list(self.keys))
+
+    def authorize_sender(self, login: str, sender: str) -> Deferred[Any]:
+        self.calls.append(f"decide {login} {sender}")
+        return fail(ApiError.of("smtp_db_unavailable")) if self.down else succeed(("allowed", login, sender))
+
+    def sender_has_owner(self, sender: str) -> Deferred[bool]:
+        self.calls.append(f"owner {sender}")
+        return succeed(True)
+
+    def login_credentials(self, login: str) -> Deferred[LoginCredentials]:
+        self.calls.append(f"creds {login}")
+        return succeed(LoginCredentials(login, None, "{CLEAR}x"))
+
+    def ping(self) -> Deferred[None]:
+        return succeed(None)
+
+
+class CacheTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.db = CountingDb()
+        self.cache = CachedDatabase(self.db, self.clock, ttl=5)
+
+    def test_key_rows_are_read_once_per_ttl(self) -> None:
+        """Two authentications within the TTL read the api table once; after it, again."""
+        self.successResultOf(self.cache.authenticate_key(KEY, "192.0.2.1", True))
+        self.successResultOf(self.cache.authenticate_key(KEY.lower(), "192.0.2.1", True))
+        self.assertEqual(self.db.calls, ["keys"])
+        self.clock.advance(5)
+        self.successResultOf(self.cache.authenticate_key(KEY, "192.0.2.1", True))
+        self.assertEqual(self.db.calls, ["keys", "keys"])
+
+    def test_revoked_key_stops_working_after_the_ttl(self) -> None:
+        """A key removed from the database is refused once the cached rows expire."""
+        self.successResultOf(self.cache.authenticate_key(KEY, "192.0.2.1", True))
+        self.db.keys = []
+        self.successResultOf(self.cache.authenticate_key(KEY, "192.0.2.1", True))
+        self.clock.advance(5.01)
+        self.failureResultOf(self.cache.authenticate_key(KEY, "192.0.2.1", True), ApiError)
+
+    def test_sender_decisions_are_cached_case_insensitively(self) -> None:
+        """The same login and sender in any case hit the cache within the TTL."""
+        self.successResultOf(self.cache.authorize_sender("U@example.org", "S@example.org"))
+        self.successResultOf(self.cache.authorize_sender("u@example.org", "s@example.org"))
+        self.assertEqual(len([c for c in self.db.calls if c.startswith("decide")]), 1)
+
+    def test_failures_are_not_cached(self) -> None:
+        """A database outage is answered as such and asked again next time."""
+        self.db.down = True
+        self.failureResultOf(self.cache.authorize_sender("u@example.org", "s@example.org"), ApiError)
+        self.db.down = False
+        self.successResultOf(self.cache.authorize_sender("u@example.org", "s@example.org"))
+        self.assertEqual(len([c for c in self.db.calls if c.startswith("decide")]), 2)
+
+    def test_passwords_are_always_read(self) -> None:
+        """login_credentials goes to the database every time."""
+        self.successResultOf(self.cache.login_credentials("u@example.org"))
+        self.successResultOf(self.cache.login_credentials("u@example.org"))
+        self.assertEqual(self.db.calls, ["creds u@example.org", "creds u@example.org"])
+
+    def test_ttl_zero_disables_caching(self) -> None:
+        """With ttl 0 every call reads the database."""
+        cache = CachedDatabase(self.db, self.clock, ttl=0)
+        for _ in range(2):
+            self.successResultOf(cache.authenticate_key(KEY, "192.0.2.1", True))
+            self.successResultOf(cache.authorize_sender("u@example.org", "s@example.org"))
+        self.assertEqual(len(self.db.calls), 4)
