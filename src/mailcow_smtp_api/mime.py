@@ -182,9 +182,17 @@ def _insert_headers(data: bytes, headers: list[tuple[str, tuple[str, ...], str]]
 _ANY_EOL = re.compile(rb"\r\n|\r|\n")
 
 
+def crlf_only(data: bytes) -> bool:
+    """True when every CR and LF in ``data`` is part of a CRLF pair (counted without copying)."""
+    pairs = data.count(b"\r\n")
+    return data.count(b"\n") == pairs and data.count(b"\r") == pairs
+
+
 def normalise_crlf(data: bytes) -> bytes:
     """Every line ending becomes CRLF, and the message ends with one."""
-    data = _ANY_EOL.sub(b"\r\n", data)
+    # The generator already writes CRLF; re-substituting megabytes would only cost memory.
+    if not crlf_only(data):
+        data = _ANY_EOL.sub(b"\r\n", data)
     return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 

@@ -53,6 +53,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from .errors import SmtpFailure
+from .mime import crlf_only
 from .model import Credentials, Envelope, RecipientResult, Security, SmtpTarget, SubmitResult
 
 _T = TypeVar("_T")
@@ -113,7 +114,8 @@ def normalize_line_ends(message: bytes) -> bytes:
     RFC 5321 2.3.8 allows CR and LF only as a pair (postfix rejects or rewrites bare ones), and the
     DATA terminator is CRLF ``.`` CRLF (4.1.1.4), so the last line needs its line end.
     """
-    text = _LINE_BREAK.sub(b"\r\n", message)
+    # Messages from mime.build_message are CRLF-only already: skip a copy of megabytes.
+    text = message if crlf_only(message) else _LINE_BREAK.sub(b"\r\n", message)
     if text and not text.endswith(b"\r\n"):
         text += b"\r\n"
     return text
@@ -328,6 +330,9 @@ class SmtpClientProtocol(LineReceiver):
         self._tls_done = False
         self._discard_after_reply = False
         self._writer: _PayloadWriter | None = None
+        # What this connection sent that must never come back out (AUTH data): a server that
+        # quotes it in any later reply gets it replaced before the text reaches an SmtpFailure.
+        self.secrets: tuple[str, ...] = ()
         self.closed: Deferred[None] = Deferred()
         self.is_connected = False
 
@@ -492,7 +497,8 @@ class SmtpClientProtocol(LineReceiver):
             # Unasked-for reply, e.g. postfix's "421 timeout exceeded" on an idle session.
             reply, self._queued = self._queued, None
             kind = "dropped" if reply.code == 421 else "protocol"
-            self._fail(SmtpFailure(kind=kind, phase=phase, code=reply.code, text=reply.text, reason="the server replied out of turn"))
+            text = _redact(reply.text, self.secrets)
+            self._fail(SmtpFailure(kind=kind, phase=phase, code=reply.code, text=text, reason="the server replied out of turn"))
             return fail(self._failure)
         self._discard_after_reply = line == b"STARTTLS"
         waiter = self._wait("reply", phase)
@@ -663,11 +669,13 @@ class SmtpSession:
         if "PLAIN" in offered:
             blob = _b64(b"\0" + login + b"\0" + password)
             secrets: tuple[str, ...] = (blob, credentials.password, _b64(password))
+            self.protocol.secrets = secrets
             reply = await self.protocol.command(b"AUTH PLAIN " + blob.encode("ascii"), "auth")
             _expect(reply, (235,), "auth", secrets)
         elif "LOGIN" in offered:
             user, secret = _b64(login), _b64(password)
             secrets = (secret, credentials.password)
+            self.protocol.secrets = secrets
             _expect(await self.protocol.command(b"AUTH LOGIN", "auth"), (334,), "auth", secrets)
             _expect(await self.protocol.command(user.encode("ascii"), "auth"), (334,), "auth", secrets)
             _expect(await self.protocol.command(secret.encode("ascii"), "auth"), (235,), "auth", secrets)
@@ -686,28 +694,30 @@ class SmtpSession:
         text = normalize_line_ends(message)
         # SIZE counts the message with its CRLFs but without stuffing dots (RFC 1870 3).
         mail = _mail_from(sender, len(text), not text.isascii(), self.keywords)
-        _expect(await self.protocol.command(mail, "mail"), (250,), "mail")
+        hidden = self.protocol.secrets  # a server may quote the AUTH line in any later reply
+        _expect(await self.protocol.command(mail, "mail"), (250,), "mail", hidden)
         results: list[RecipientResult] = []
         for address, wire in zip(envelope.recipients, recipients):
             reply = await self.protocol.command(b"RCPT TO:<" + wire + b">", "rcpt")
+            reply_text = _redact(reply.text, hidden)
             if reply.code == 421:  # the server is closing the session (RFC 5321 3.8)
-                raise SmtpFailure(kind="reply", phase="rcpt", code=421, text=reply.text, recipients=tuple(results))
-            results.append(RecipientResult(address=address, code=reply.code, text=reply.text))
+                raise SmtpFailure(kind="reply", phase="rcpt", code=421, text=reply_text, recipients=tuple(results))
+            results.append(RecipientResult(address=address, code=reply.code, text=reply_text))
         accepted = [r for r in results if r.accepted]
         if not accepted:
             first = results[0]
             raise SmtpFailure(kind="reply", phase="rcpt", code=first.code, text=first.text, recipients=tuple(results))
-        _expect(await self.protocol.command(b"DATA", "data"), (354,), "data")
-        final = _expect(await self.protocol.send_payload(_stuff(text)), (250,), "message")
-        return SubmitResult(code=final.code, text=final.text, recipients=tuple(results), queue_id=queue_id_of(final.text))
+        _expect(await self.protocol.command(b"DATA", "data"), (354,), "data", hidden)
+        final = _expect(await self.protocol.send_payload(_stuff(text)), (250,), "message", hidden)
+        return SubmitResult(code=final.code, text=_redact(final.text, hidden), recipients=tuple(results), queue_id=queue_id_of(final.text))
 
     async def reset(self) -> None:
         """RSET: abandon the current transaction (before reusing the session)."""
-        _expect(await self.protocol.command(b"RSET", "mail"), (250,), "mail")
+        _expect(await self.protocol.command(b"RSET", "mail"), (250,), "mail", self.protocol.secrets)
 
     async def noop(self) -> None:
         """NOOP: check that an idle session is still alive."""
-        _expect(await self.protocol.command(b"NOOP", "ehlo"), (250,), "ehlo")
+        _expect(await self.protocol.command(b"NOOP", "ehlo"), (250,), "ehlo", self.protocol.secrets)
 
     def quit(self) -> Deferred[None]:
         """Say QUIT and close; never fails (the message, if any, is already accepted)."""
