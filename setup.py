@@ -33,6 +33,7 @@ setup(
             "mypy>=1.10",
             "mypy-zope>=1.0",
             "pyyaml>=6",
+            "schemathesis>=4",
             "types-PyYAML",
         ],
     },

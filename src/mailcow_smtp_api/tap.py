@@ -96,6 +96,21 @@ class Options(usage.Options):
             self.parent["logger"] = f"{__name__}.json_logger"
 
 
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """A tcp:/ssl: endpoint description with a large accept queue unless it names one.
+
+    Twisted's default backlog of 50 resets connections of a burst of clients before their request
+    is read; the kernel caps the value at net.core.somaxconn anyway.
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
+
+
 def json_logger() -> Any:
     """twistd --logger factory: JSON lines on standard output."""
     from .logs import json_lines_observer
@@ -201,7 +216,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     site.requestFactory = request_factory(config.max_request_bytes)
     site.displayTracebacks = False
     SchemaCheck(database, reactor).setServiceParent(top)
-    strports.service(config.listen, site, reactor=reactor).setServiceParent(top)
+    strports.service(with_backlog(config.listen), site, reactor=reactor).setServiceParent(top)
     if config.metrics_listen:
         metrics_site = Site(MetricsResource(metrics))
         metrics_site.displayTracebacks = False

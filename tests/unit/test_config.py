@@ -101,3 +101,13 @@ def test_trusted_proxies_are_normalised() -> None:
     """Proxy entries become networks."""
     config = from_options({"trusted-proxies": "172.22.1.1, fd4d:6169:6c63:6f77::/64"}, environ={})
     assert config.trusted_proxies == ("172.22.1.1/32", "fd4d:6169:6c63:6f77::/64")
+
+
+def test_listeners_get_a_large_backlog_unless_one_is_named() -> None:
+    """tcp: and ssl: endpoints get backlog=1024 (bursts of clients); explicit values and unix: stay."""
+    from mailcow_smtp_api.tap import with_backlog
+
+    assert with_backlog("tcp:8080:interface=127.0.0.1") == "tcp:8080:interface=127.0.0.1:backlog=1024"
+    assert with_backlog("ssl:8443:privateKey=k.pem") == "ssl:8443:privateKey=k.pem:backlog=1024"
+    assert with_backlog("tcp:8080:backlog=10") == "tcp:8080:backlog=10"
+    assert with_backlog("unix:/run/smtpapi.sock") == "unix:/run/smtpapi.sock"
