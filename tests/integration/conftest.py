@@ -594,6 +594,12 @@ def testbed(testbed_lock: None) -> Iterator[Testbed]:
             run_testbed_script(directory, "stop")
 
 
+# The rows most end-to-end tests start from: the API document's sender, password and (literal) key.
+API_KEY = "YOUR-API-KEY"  # the examples' literal key is a valid mailcow key string
+SENDER = "sender@example.com"
+PASSWORD = "your-mailbox-password"
+
+
 @pytest.fixture
 def clean_testbed(testbed: Testbed) -> Testbed:
     """The bed with an empty database (schema kept) and an empty sink."""
@@ -720,3 +726,12 @@ def sidecar(testbed: Testbed, tmp_path: Path) -> Iterator[Callable[..., Sidecar]
     finally:
         for running in started:
             running.stop()
+
+
+@pytest.fixture
+def bed(clean_testbed: Testbed) -> Testbed:
+    """The bed with one domain, the sender's mailbox and the API key allowed from 127.0.0.1."""
+    clean_testbed.add_domain("example.com")
+    clean_testbed.add_mailbox(SENDER, PASSWORD)
+    clean_testbed.add_api_key(API_KEY, allow_from="127.0.0.1")
+    return clean_testbed

@@ -40,13 +40,10 @@ from cryptography.x509.oid import NameOID
 from mailcow_smtp_api.schema import MARIADB_TABLES
 from tests.twisted.smtp_kit import Pki
 
-from .conftest import HOST, SUBMISSION_PORT, Sidecar, Testbed, free_port
+from .conftest import API_KEY, HOST, PASSWORD, SENDER, SUBMISSION_PORT, Sidecar, Testbed, free_port
 
 pytestmark = pytest.mark.integration
 
-SENDER = "sender@example.com"
-PASSWORD = "fault-test-Passw0rd!"
-API_KEY = "FA17ED-000001-ABCDEF-123456-C0FFEE"
 HTTP_TIMEOUT = 30.0
 PHASES = ("greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "message")
 REPLY_CODES = (421, 451, 452, 554)
@@ -487,15 +484,6 @@ def assert_no_secret(texts: list[str], secret_values: tuple[str, ...] = secrets_
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def bed(clean_testbed: Testbed) -> Testbed:
-    """The bed's database with the sender's mailbox and the API key."""
-    clean_testbed.add_domain("example.com")
-    clean_testbed.add_mailbox(SENDER, PASSWORD)
-    clean_testbed.add_api_key(API_KEY, allow_from="127.0.0.1")
-    return clean_testbed
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from .conftest import Sidecar, Testbed, twistd_path
-from .test_send_api import API_KEY, HTTP_TIMEOUT, PASSWORD, SENDER, example_body, post
+from .test_send_api import API_KEY, HTTP_TIMEOUT, example_body, post
 
 pytestmark = pytest.mark.integration
 
@@ -79,15 +79,6 @@ def settled_messages(bed: Testbed) -> list[Any]:
         time.sleep(0.05)
     assert not queued, f"postfix still holds messages after {QUEUE_TIMEOUT} s: {queued[:500]}"
     return bed.messages()
-
-
-@pytest.fixture
-def bed(clean_testbed: Testbed) -> Testbed:
-    """The bed with the README's sender mailbox and API key."""
-    clean_testbed.add_domain("example.com")
-    clean_testbed.add_mailbox(SENDER, PASSWORD)
-    clean_testbed.add_api_key(API_KEY, allow_from="127.0.0.1")
-    return clean_testbed
 
 
 @pytest.fixture

@@ -24,8 +24,6 @@ from schemathesis.checks import positive_data_acceptance
 from .conftest import HOST, SUBMISSION_PORT, Sidecar, Testbed
 from .test_faults import (
     API_KEY,
-    PASSWORD,
-    SENDER,
     Certificates,
     FaultServer,
     assert_no_secret,
@@ -40,15 +38,6 @@ pytestmark = pytest.mark.integration
 
 LIMIT = 1024 * 1024  # --max-request-bytes for these tests
 IO_TIMEOUT = 20.0
-
-
-@pytest.fixture
-def bed(clean_testbed: Testbed) -> Testbed:
-    """The bed with the sender's mailbox and the API key."""
-    clean_testbed.add_domain("example.com")
-    clean_testbed.add_mailbox(SENDER, PASSWORD)
-    clean_testbed.add_api_key(API_KEY, allow_from="127.0.0.1")
-    return clean_testbed
 
 
 @pytest.fixture

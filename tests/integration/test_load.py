@@ -252,15 +252,6 @@ def report(figures: Figures, record_property: Callable[[str, Any], None], summar
     print(f"\nLOAD {figures.name}: {json.dumps(data, sort_keys=True)}")
 
 
-@pytest.fixture
-def bed(clean_testbed: Testbed) -> Testbed:
-    """The bed with the sender's mailbox and the API key (fast password hash)."""
-    clean_testbed.add_domain("example.com")
-    clean_testbed.add_mailbox(SENDER, PASSWORD)
-    clean_testbed.add_api_key(API_KEY, allow_from="127.0.0.1")
-    return clean_testbed
-
-
 def _run(name: str, service: Sidecar, bed: Testbed, during: Callable[[list[Outcome]], None] | None = None,
          clients: int = CLIENTS, per_client: int = PER_CLIENT) -> Figures:
     started = time.monotonic()

@@ -22,15 +22,6 @@ from .test_send_api import API_KEY, PASSWORD, SENDER, example_body, post
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def bed(clean_testbed: Testbed) -> Testbed:
-    """One domain, one mailbox and the examples' API key."""
-    clean_testbed.add_domain("example.com")
-    clean_testbed.add_mailbox(SENDER, PASSWORD)
-    clean_testbed.add_api_key(API_KEY, allow_from="127.0.0.1")
-    return clean_testbed
-
-
 def get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, bytes, Any]:
     try:
         with urllib.request.urlopen(url, timeout=30, context=context) as response:

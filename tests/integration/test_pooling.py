@@ -7,19 +7,16 @@ from collections.abc import Callable
 import pytest
 
 from .conftest import Sidecar, Testbed
-from .test_send_api import API_KEY, PASSWORD, SENDER, example_body, post
+from .test_send_api import SENDER, example_body, post
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def bed(clean_testbed: Testbed) -> Testbed:
-    """Two mailboxes and the examples' API key."""
-    clean_testbed.add_domain("example.com")
-    clean_testbed.add_mailbox(SENDER, PASSWORD)
-    clean_testbed.add_mailbox("other@example.com", "other-password")
-    clean_testbed.add_api_key(API_KEY, allow_from="127.0.0.1")
-    return clean_testbed
+def bed(bed: Testbed) -> Testbed:
+    """The shared rows plus a second mailbox."""
+    bed.add_mailbox("other@example.com", "other-password")
+    return bed
 
 
 def sasl_logins(bed: Testbed, before: str) -> list[str]:

@@ -9,20 +9,11 @@ from typing import Any
 import pytest
 
 from .conftest import Sidecar, Testbed, hash_password
-from .test_send_api import API_KEY, CURL_EXAMPLES, PASSWORD, SENDER, example_body, post, run_curl
+from .test_send_api import CURL_EXAMPLES, SENDER, example_body, post, run_curl
 
 pytestmark = pytest.mark.integration
 
 PLAIN = 10025
-
-
-@pytest.fixture
-def bed(clean_testbed: Testbed) -> Testbed:
-    """Rows for the port-25 cases: one domain, a mailbox per hash scheme, the examples' API key."""
-    clean_testbed.add_domain("example.com")
-    clean_testbed.add_mailbox(SENDER, PASSWORD)
-    clean_testbed.add_api_key(API_KEY, allow_from="127.0.0.1")
-    return clean_testbed
 
 
 @pytest.fixture

@@ -57,13 +57,10 @@ def every_secret() -> list[str]:
 
 
 @pytest.fixture
-def bed(clean_testbed: Testbed) -> Testbed:
-    """The sender's mailbox with an app password, and the API key."""
-    clean_testbed.add_domain("example.com")
-    clean_testbed.add_mailbox(SENDER, PASSWORD)
-    clean_testbed.add_app_password(SENDER, APP_PASSWORD)
-    clean_testbed.add_api_key(API_KEY, allow_from="127.0.0.1")
-    return clean_testbed
+def bed(bed: Testbed) -> Testbed:
+    """The shared rows plus an app password of the sender."""
+    bed.add_app_password(SENDER, APP_PASSWORD)
+    return bed
 
 
 @pytest.fixture

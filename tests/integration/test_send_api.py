@@ -19,13 +19,10 @@ from typing import Any
 
 import pytest
 
-from .conftest import Sidecar, Testbed
+from .conftest import API_KEY, PASSWORD, SENDER, Sidecar, Testbed
 
 pytestmark = pytest.mark.integration
 
-API_KEY = "YOUR-API-KEY"  # the examples' literal key is a valid mailcow key string
-SENDER = "sender@example.com"
-PASSWORD = "your-mailbox-password"
 HTTP_TIMEOUT = 60
 
 # The examples from the API document, verbatim but for the URL ($URL), which points at the test server.
@@ -83,15 +80,6 @@ curl -X POST "$URL/api/v1/send/email" \
   }"
 """,
 }
-
-
-@pytest.fixture
-def bed(clean_testbed: Testbed) -> Testbed:
-    """The bed with mailcow rows for the examples: domain, sender mailbox, and the examples' API key."""
-    clean_testbed.add_domain("example.com")
-    clean_testbed.add_mailbox(SENDER, PASSWORD)
-    clean_testbed.add_api_key(API_KEY, allow_from="127.0.0.1")
-    return clean_testbed
 
 
 @pytest.fixture
