@@ -18,6 +18,7 @@ CODES: dict[str, tuple[int, str]] = {
     "smtp_unsupported_media_type": (415, "send the body as Content-Type: application/json"),
     "smtp_unknown_field": (400, "the request has a field this API does not know"),
     "smtp_invalid_field": (400, "a field has the wrong type or an invalid value"),
+    "smtp_bad_http_request": (400, "the HTTP request is malformed (Content-Length, Transfer-Encoding or request line)"),
     "smtp_request_too_large": (413, "the request body is larger than the server accepts"),
     # send-api.md codes
     "smtp_invalid_from": (400, "'from' must be one valid email address"),

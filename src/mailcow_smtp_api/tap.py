@@ -135,7 +135,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     from .smtp import SmtpSubmitter, TlsSettings
     from .state import StatePurger, open_state_store
     from .throttle import Throttle
-    from .web import SmtpApi, request_factory
+    from .web import SmtpApi, channel_factory, request_factory
 
     if not config.smtp_tls_verify:
         log.warn("TLS certificate verification towards postfix is OFF (--smtp-tls-no-verify): insecure")
@@ -214,6 +214,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     )
     site = Site(api.resource())
     site.requestFactory = request_factory(config.max_request_bytes)
+    site.protocol = channel_factory  # type: ignore[method-assign]  # a factory callable, as twisted.web sets it
     site.displayTracebacks = False
     SchemaCheck(database, reactor).setServiceParent(top)
     strports.service(with_backlog(config.listen), site, reactor=reactor).setServiceParent(top)

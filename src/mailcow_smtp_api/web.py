@@ -16,7 +16,7 @@ from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -45,7 +45,7 @@ def _json_bytes(value: Any) -> bytes:
 def _error_response(err: ApiError, request_id: str) -> bytes:
     """A complete raw HTTP response, for refusing a request before Twisted has buffered it."""
     body = _json_bytes(error_body(err, None, request_id))
-    reason = {413: b"Payload Too Large"}.get(err.status, b"Error")
+    reason = {400: b"Bad Request", 413: b"Payload Too Large"}.get(err.status, b"Error")
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
         b"X-Request-Id: %s\r\nConnection: close\r\n\r\n%s"
@@ -111,6 +111,24 @@ class LimitedRequest(server.Request):
         if self._refused:
             return
         super().process()
+
+
+class CodedHTTPChannel(http.HTTPChannel):
+    """An HTTP channel whose framing errors (bad Content-Length, CL with chunked...) answer a coded 400.
+
+    twisted.web answers them with a bare ``400 Bad Request`` and closes; the behaviour stays (no
+    request smuggling, nothing reaches a route), the answer becomes the API's JSON shape.
+    """
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self.transport is not None:
+            self.transport.write(_error_response(ApiError.of("smtp_bad_http_request"), secrets.token_hex(8)))
+        self.loseConnection()
+
+
+def channel_factory() -> Any:
+    """The Site's protocol: Twisted's HTTP/1.1-or-2 switch around a ``CodedHTTPChannel``."""
+    return http._GenericHTTPChannelProtocol(CodedHTTPChannel())  # the public factory hard-codes HTTPChannel
 
 
 def request_factory(max_body: int) -> type[LimitedRequest]:

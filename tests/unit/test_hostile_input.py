@@ -38,7 +38,7 @@ from mailcow_smtp_api.config import Config, from_options
 from mailcow_smtp_api.errors import CODES
 from mailcow_smtp_api.service import SendService
 from mailcow_smtp_api.smtp import data_payload
-from mailcow_smtp_api.web import SmtpApi, request_factory
+from mailcow_smtp_api.web import SmtpApi, channel_factory, request_factory
 from tests.twisted.fakes import GOOD_KEY, FakeKeys, FakeSubmitter
 
 URL = "http://sidecar.test/api/v1/send/email"
@@ -755,6 +755,7 @@ def _channel(limit: int) -> tuple[Shell, Any, StringTransport]:
     # The channel's idle timeout goes on a clock of its own, never on the global reactor.
     site = Site(shell.api.resource(), reactor=Clock())
     site.requestFactory = request_factory(limit)
+    site.protocol = channel_factory
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
     channel.makeConnection(transport)
@@ -873,6 +874,7 @@ def test_ambiguous_framing_is_refused_and_closed(framing: list[bytes]) -> None:
     shell, channel, transport = _channel(LIMIT)
     channel.dataReceived(_head(None, *framing) + json.dumps(VALID).encode())
     assert _status(transport) == 400
+    assert b'"msg":"smtp_bad_http_request"' in transport.value()
     assert transport.disconnecting
     assert shell.sent == []
 
