@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import http.client
 import json
@@ -67,7 +66,6 @@ RECIPIENT_DOMAIN = "sink.example"  # postfix relays everything to smtp-sink; not
 
 CLIENT_TIMEOUT = 300.0  # seconds one HTTP request or SMTP step may take (5 MB at 100 clients is slow)
 READY_TIMEOUT = 120.0  # all clients connected (100 STARTTLS+AUTH handshakes on a busy machine)
-LOCK_TIMEOUT = 600.0
 MIN_FREE_BYTES = 2 * 1024**3  # refuse to start a phase with less free disk than this under the bed
 LINE_LENGTH = 76  # body lines, newline included: under the 78 that keeps the sidecar's MIME 7bit
 
@@ -991,26 +989,14 @@ def run_ceiling(result: PhaseResult, scenario: Scenario, meter: Meter) -> None:
 
 @contextlib.contextmanager
 def bed_lock(directory: Path) -> Iterator[None]:
-    """The lock the integration tests take (tests/integration/conftest.py, ``testbed_lock``): one user of the bed."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{directory}.lock", "w") as lock:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        announced = False
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise SystemExit(f"bench: {directory}.lock still held after {LOCK_TIMEOUT:.0f} s") from None
-                if not announced:
-                    progress(f"waiting for {directory}.lock (a test session is using the bed)")
-                    announced = True
-                time.sleep(0.5)
-        try:
+    """The lock the integration tests take (tests/integration/conftest.py): one user of the bed."""
+    from tests.integration import conftest
+
+    try:
+        with conftest.bed_lock(directory, lambda: progress(f"waiting for {directory}.lock (a test session is using the bed)")):
             yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    except conftest.LockTimeout as exc:
+        raise SystemExit(f"bench: {exc}") from None
 
 
 @dataclass

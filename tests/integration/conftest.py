@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import email.policy
 import errno
+import contextlib
 import fcntl
 import hashlib
 import http.client
@@ -555,25 +556,43 @@ def create_database() -> None:
         cursor.execute(f"GRANT SELECT ON `{DB_NAME}`.* TO '{DB_READER}'@'127.0.0.1'")
 
 
-@pytest.fixture(scope="session")
-def testbed_lock() -> Iterator[None]:
-    """Serialise sessions on this machine: they share the bed's ports, folder and database."""
-    directory = testbed_dir()
+class LockTimeout(Exception):
+    """Another user held the bed's lock for too long."""
+
+
+@contextlib.contextmanager
+def bed_lock(directory: Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """One user of the bed at a time (test sessions, the benchmark): they share its ports, folder and
+    database. ``on_wait`` is called once if the lock is busy; LockTimeout after LOCK_TIMEOUT s."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{directory}.lock", "w") as lock:
         deadline = time.monotonic() + LOCK_TIMEOUT
+        waited = False
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    _fail(f"another test session has held {directory}.lock for {LOCK_TIMEOUT} s")
+                    raise LockTimeout(f"{directory}.lock was held for more than {LOCK_TIMEOUT} s") from None
+                if not waited:
+                    on_wait()
+                    waited = True
                 time.sleep(0.5)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def testbed_lock() -> Iterator[None]:
+    """Serialise sessions on this machine: they share the bed's ports, folder and database."""
+    try:
+        with bed_lock(testbed_dir()):
+            yield
+    except LockTimeout as exc:
+        _fail(f"another test session holds the bed: {exc}")
 
 
 @pytest.fixture(scope="session")
