@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$ROOT/scripts/bootstrap.sh"
-apt_install postfix postfix-mysql dovecot-core dovecot-mysql openssl
+apt_install postfix postfix-mysql dovecot-core dovecot-mysql openssl curl iproute2 coreutils
 bash "$ROOT/scripts/mariadb.sh" ensure
 ensure_venv "[test]"
 cd "$ROOT"
