@@ -7,6 +7,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ensure_venv ""
 mkdir -p "$ROOT/var"
 export SMTPAPI_DB=${SMTPAPI_DB:-sqlite:$ROOT/var/smtpapi.sqlite}
+export SMTPAPI_STATE_DB=${SMTPAPI_STATE_DB:-sqlite:$ROOT/var/smtpapi-state.sqlite}
 "$VENV/bin/smtpapi-admin" --db "$SMTPAPI_DB" init >/dev/null
 echo "database: $SMTPAPI_DB   (add domains, mailboxes and an API key with: $VENV/bin/smtpapi-admin --db $SMTPAPI_DB --help)" >&2
 exec "$VENV/bin/twistd" -n --pidfile= smtpapi "$@"
