@@ -18,8 +18,10 @@ Its structure, from the outside in (each level only when needed):
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from email import policy as email_policy
+from email.header import Header
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
@@ -117,14 +119,27 @@ def build_message(
         message["Cc"] = [_header_address(a) for a in request.cc]
     if request.reply_to is not None:
         message["Reply-To"] = _header_address(request.reply_to)
-    message["Subject"] = request.subject
     message["Date"] = format_datetime(date)
-    # Free text: the library folds long values and writes non-ASCII as RFC 2047 encoded words.
-    for name, value in (*request.headers, *extra_headers):
-        message[name] = value
+    # Free text. ASCII values are folded by the library; non-ASCII ones are encoded here, because
+    # the library's folding can drop the space between two encoded words ("a b" read back as "ab").
+    encoded: list[bytes] = []
+    for name, value in (("Subject", request.subject), *request.headers, *extra_headers):
+        if value.isascii():
+            message[name] = value
+        else:
+            encoded.append(encode_text_header(name, value))
     _fill_body(message, request)
     data = normalise_crlf(message.as_bytes(policy=_POLICY))
-    return _insert_headers(data, identity_headers(request, message_id))
+    return _insert_headers(data, identity_headers(request, message_id), encoded)
+
+
+def encode_text_header(name: str, value: str) -> bytes:
+    """``Name: value`` as RFC 2047 encoded words, folded under 78 columns, CRLF-terminated.
+
+    White space between words is encoded inside the words, so every reader gets ``value`` back.
+    """
+    words = Header(value, "utf-8", header_name=name, maxlinelen=78).encode(linesep="\r\n")
+    return f"{name}: {words}\r\n".encode("ascii")
 
 
 def identity_headers(request: SendRequest, message_id: str) -> list[tuple[str, tuple[str, ...], str]]:
@@ -172,10 +187,12 @@ def fold_items(name: str, items: tuple[str, ...], separator: str, width: int = 7
     return "\r\n".join(lines).encode("ascii") + b"\r\n"
 
 
-def _insert_headers(data: bytes, headers: list[tuple[str, tuple[str, ...], str]]) -> bytes:
-    """Add pre-folded header lines at the end of the top-level header block."""
+def _insert_headers(
+    data: bytes, headers: list[tuple[str, tuple[str, ...], str]], encoded: Sequence[bytes] = ()
+) -> bytes:
+    """Add pre-folded header lines (and already encoded ones) at the end of the top-level header block."""
     end = data.index(b"\r\n\r\n") + 2
-    block = b"".join(fold_items(name, items, separator) for name, items, separator in headers)
+    block = b"".join(encoded) + b"".join(fold_items(name, items, separator) for name, items, separator in headers)
     return data[:end] + block + data[end:]
 
 

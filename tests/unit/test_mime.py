@@ -180,3 +180,14 @@ def test_lines_of_dots_are_kept_in_the_message(dots: str) -> None:
     req = request(body="a" + dots + "b")
     data, msg = build(req)
     assert msg.get_content() == ("a" + dots + "b").replace("\r\n", "\n") + ("" if (dots + "b").endswith("\n") else "\n")
+
+
+@pytest.mark.parametrize("name", ["Subject", "0000", "X-T", "X-A-Rather-Long-Header-Name"])
+@pytest.mark.parametrize("value", ["0" + "\u0800" * 14 + " \u00a1", "Grüße  aus\tKöln " * 9 + "日本 語", "é " * 60])
+def test_spaces_between_encoded_words_survive(name: str, value: str) -> None:
+    """Non-ASCII free text keeps every word boundary after RFC 2047 encoding and folding."""
+    fields: dict[str, Any] = {"subject": value} if name == "Subject" else {"headers": {name: value}}
+    data, msg = build(request(**fields))
+    assert_wire_clean(data)
+    assert msg[name].split() == value.split()
+    assert len(msg.get_all(name)) == 1
