@@ -136,6 +136,11 @@ class SendService:
     local_auth: LocalAuthenticator | None = None
     # Runs a callable in a worker thread; None builds every message on the calling thread.
     offload: Callable[[Callable[[], Any]], Deferred[Any]] | None = None
+    # --port25-no-password-from, parsed once rather than on every request.
+    _internal_networks: tuple[Any, ...] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._internal_networks = parse_networks(self.config.port25_no_password_from)
 
     async def authenticate(self, raw_key: str | None, client_ip: str) -> Any:
         """Check the API key for a write action; count failures toward the address's throttle."""
@@ -157,8 +162,7 @@ class SendService:
         return target is None or target.security is Security.PLAIN
 
     def _internal_caller(self, client_ip: str) -> bool:
-        networks = self.config.port25_no_password_from
-        return bool(networks) and ip_in(client_ip, parse_networks(networks))
+        return bool(self._internal_networks) and ip_in(client_ip, self._internal_networks)
 
     def target_for(self, request: SendRequest) -> SmtpTarget:
         """The SMTP server this request goes to, refused unless the operator allows it."""
