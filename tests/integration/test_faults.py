@@ -487,6 +487,16 @@ def assert_no_secret(texts: list[str], secret_values: tuple[str, ...] = secrets_
 
 
 @pytest.fixture
+def starttls_server(certificates: Certificates) -> Iterator[FaultServer]:
+    """One scripted STARTTLS server presenting the good certificate, standing in for postfix."""
+    server = FaultServer(server_context(certificates.good))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
 def fault_servers(certificates: Certificates) -> Iterator[tuple[FaultServer, FaultServer]]:
     """A STARTTLS fault server and an implicit-TLS one, both presenting the good certificate."""
     starttls = FaultServer(server_context(certificates.good))

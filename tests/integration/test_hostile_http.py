@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,9 @@ from .test_faults import (
     FaultServer,
     assert_no_secret,
     certificates,  # noqa: F401
+    starttls_server,  # noqa: F401
     message,
     send,
-    server_context,
 )
 from .test_load import status_kib
 
@@ -234,16 +234,6 @@ def test_attachment_over_the_limit_is_413(service: Sidecar, bed: Testbed) -> Non
 # --------------------------------------------------------------------------- schema fuzzing
 
 
-@pytest.fixture
-def scripted_target(certificates: Certificates) -> Iterator[FaultServer]:  # noqa: F811
-    """An accepting loopback SMTP server (STARTTLS, good certificate) standing in for postfix."""
-    server = FaultServer(server_context(certificates.good))
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 FUZZ_EXAMPLES = 150
 
 
@@ -251,13 +241,13 @@ def test_schema_fuzzing_of_the_live_openapi_document(
     bed: Testbed,
     sidecar: Callable[..., Sidecar],
     certificates: Certificates,  # noqa: F811
-    scripted_target: FaultServer,
+    starttls_server: FaultServer,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     """schemathesis generates valid and invalid requests for every operation of the served
     /api/v1/openapi.json: no 5xx, no traceback, answers match the document, invalid data is refused;
     only the scripted loopback SMTP server is allowed, so no real mail is sent."""
-    port = scripted_target.port
+    port = starttls_server.port
     service = sidecar(
         "--smtp-port", str(port), "--smtp-allow", f"{HOST}:{port}", "--smtp-ca", str(certificates.ca), "--smtp-timeout", "5"
     )
@@ -294,7 +284,7 @@ def test_schema_fuzzing_of_the_live_openapi_document(
     assert_no_secret(texts + [service.log_text()], (API_KEY,))
     assert bed.messages() == []
     accepted = sends.count(200)
-    assert len(scripted_target.counts.messages) == accepted
+    assert len(starttls_server.counts.messages) == accepted
     # The figures, for the report.
     (tmp_path / "schema-fuzz.json").write_text(json.dumps({"requests": len(seen), "send_requests": len(sends),
                                                            "accepted": accepted}))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -33,9 +33,9 @@ from .test_faults import (
     Fault,
     FaultServer,
     certificates,  # noqa: F401
+    starttls_server,  # noqa: F401
     message,
     send,
-    server_context,
 )
 
 pytestmark = pytest.mark.integration
@@ -61,16 +61,6 @@ def bed(bed: Testbed) -> Testbed:
     """The shared rows plus an app password of the sender."""
     bed.add_app_password(SENDER, APP_PASSWORD)
     return bed
-
-
-@pytest.fixture
-def echo_server(certificates: Certificates) -> Iterator[FaultServer]:  # noqa: F811
-    """A scripted SMTP server (STARTTLS) whose faults can quote the client's AUTH line back."""
-    server = FaultServer(server_context(certificates.good))
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def session_of_calls(service: Sidecar, echo: FaultServer, quoted: list[bytes]) -> list[str]:
@@ -127,14 +117,14 @@ def test_no_secret_in_any_answer_or_log_line(
     bed: Testbed,
     sidecar: Callable[..., Sidecar],
     certificates: Certificates,  # noqa: F811
-    echo_server: FaultServer,
+    starttls_server: FaultServer,  # noqa: F811
     log_format: str,
 ) -> None:
     """Across successes, refusals, malformed input and a server that echoes AUTH: no secret in any
     answer (body or header) or any line the service logged."""
-    service = start_service(sidecar, bed, certificates, echo_server, "--log-format", log_format)
+    service = start_service(sidecar, bed, certificates, starttls_server, "--log-format", log_format)
     quoted: list[bytes] = []
-    texts = session_of_calls(service, echo_server, quoted)
+    texts = session_of_calls(service, starttls_server, quoted)
     # The echo server really received the credentials (AUTH PLAIN, and AUTH LOGIN's two lines).
     assert len(quoted) >= 6 and any(line.startswith(b"AUTH PLAIN ") for line in quoted)
     assert len(bed.wait_for_messages(4)) == 4
