@@ -24,6 +24,7 @@ import idna
 
 from . import db
 from .apikeys import ApiKey, normalise_key, parse_allow_from, split_allow_from
+from .config import default_db_url
 from .senders import smtp_access_granted, split_owners
 
 PROG = "smtpapi-admin"
@@ -565,7 +566,7 @@ def main(
     except SystemExit as exit_:  # argparse has printed the usage message (or --help)
         return int(exit_.code or 0)
     try:
-        database = db.connect_blocking(args.db or db.default_db_url(os.environ))
+        database = db.connect_blocking(args.db or default_db_url(os.environ))
     except ValueError as exc:
         stderr.write(f"{PROG}: error: --db: {exc}\n")
         return 2

@@ -18,13 +18,12 @@ anything but the embedded SQLite database.
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 import pymysql  # type: ignore[import-untyped]
@@ -35,7 +34,6 @@ from twisted.python.failure import Failure
 
 from . import schema
 from .apikeys import ApiKey, authenticate, normalise_key
-from .config import default_db_url as config_default_db_url
 from .errors import API_AUTH_FAILED, ApiError
 from .model import LoginCredentials
 from .senders import (
@@ -133,11 +131,6 @@ def _parse_mysql_url(url: str) -> MysqlUrl:
         port=port,
         unix_socket=socket_path,
     )
-
-
-def default_db_url(environ: Mapping[str, str] | None = None) -> str:
-    """The database when no ``--db`` is given (see ``config.default_db_url``)."""
-    return config_default_db_url(os.environ if environ is None else environ)
 
 
 # --------------------------------------------------------------------------- SQL in two dialects
