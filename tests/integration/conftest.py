@@ -471,9 +471,12 @@ class Testbed:
 
     def messages(self) -> list[SinkMessage]:
         """Every complete message in the sink, oldest first."""
+        # List first, then ask which files smtp-sink still writes: a file created after the
+        # question would otherwise be read half-written.
+        paths = list(self.sink_dir.iterdir())
         busy = self._sink_open_files()
         found = []
-        for path in self.sink_dir.iterdir():
+        for path in paths:
             if str(path) in busy:
                 continue
             try:
