@@ -511,6 +511,17 @@ start_postfix() {
   wait_postfix_listeners
 }
 
+purge_stale_queue() {
+  # A session's start (not a restart within it): mail a stopped postfix left behind belongs to an
+  # earlier session, and a half-written file (postfix stopped mid-submission leaves one in
+  # incoming/) makes postsuper abort "postfix start".
+  alive "$(postfix_pid)" master && return 0
+  local sub
+  for sub in incoming active deferred defer bounce maildrop hold corrupt; do
+    if [ -d "$PF_QUEUE/$sub" ]; then find "$PF_QUEUE/$sub" -type f -delete; fi
+  done
+}
+
 stop_postfix() {
   local pid
   pid=$(postfix_pid)
@@ -544,6 +555,7 @@ check_ports() {
 cmd_start() {
   prepare
   check_ports
+  purge_stale_queue
   start_sink
   start_dovecot
   start_postfix
