@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import threading
@@ -172,14 +173,24 @@ def run_clients(
     return outcomes
 
 
+_POSTFIX_QUEUE_ID = re.compile(rb"by mail\.testbed\.invalid \(Postfix\) with E?SMTPS?A? id ([0-9A-Za-z]+)")
+
+
 def delivered_tokens(bed: Testbed) -> Counter[str]:
-    """How often each token arrived in the sink."""
-    found: Counter[str] = Counter()
+    """How many separate submissions of each token reached postfix and arrived in the sink.
+
+    Counted by postfix's queue id in its Received header: a second submission by the sidecar gets
+    a new queue id, while postfix delivering one queue file to the sink again after it was stopped
+    mid-delivery (its own at-least-once delivery) keeps the id and counts once.
+    """
+    submissions: dict[str, set[bytes]] = {}
     for message in bed.messages():
         subject = str(message.message["Subject"] or "")
         if subject.startswith(SUBJECT_PREFIX):
-            found[subject[len(SUBJECT_PREFIX):]] += 1
-    return found
+            match = _POSTFIX_QUEUE_ID.search(message.raw)
+            queue_id = match.group(1) if match else message.path.name.encode()
+            submissions.setdefault(subject[len(SUBJECT_PREFIX):], set()).add(queue_id)
+    return Counter({token: len(ids) for token, ids in submissions.items()})
 
 
 def settle(bed: Testbed, expected: set[str]) -> Counter[str]:
