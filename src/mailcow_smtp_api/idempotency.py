@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -137,14 +137,17 @@ def scope_of(raw_api_key: str | None) -> str:
     return hashlib.sha256(b"mailcow-smtp-api idempotency scope\0" + identity).hexdigest()
 
 
-def fingerprint(raw_body: bytes, raw_api_key: str | None) -> str:
-    """SHA-256 over the raw body bytes, keyed (HMAC) with the API key.
+def fingerprint(raw_body: bytes | Iterable[bytes], raw_api_key: str | None) -> str:
+    """SHA-256 over the raw body bytes (given whole or in consecutive chunks), keyed (HMAC) with the API key.
 
     The body holds the mailbox password: a bare hash of it in a shared store would let a reader
     who knows the rest of the message (a recipient does) test password guesses offline.
     """
     secret = normalise_key(raw_api_key).upper().encode("ascii")
-    return hmac.new(secret, raw_body, hashlib.sha256).hexdigest()
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    for chunk in (raw_body,) if isinstance(raw_body, bytes) else raw_body:
+        mac.update(chunk)
+    return mac.hexdigest()
 
 
 def judge(record: Record, claim: Claim, now: float) -> Verdict:

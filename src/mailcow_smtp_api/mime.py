@@ -17,8 +17,11 @@ Its structure, from the outside in (each level only when needed):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from email import policy as email_policy
 from email.header import Header
@@ -45,7 +48,7 @@ def _header_address(address: Address) -> HeaderAddress:
 
 def _text_cte(text: str) -> str:
     """7bit when the text is ASCII with short lines, else quoted-printable (readable, line-safe)."""
-    if text.isascii() and all(len(line) <= 78 for line in text.split("\n")):
+    if text.isascii() and max(map(len, text.split("\n"))) <= 78:
         return "7bit"
     return "quoted-printable"
 
@@ -54,26 +57,81 @@ def _ensure_final_newline(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def _fill_body(message: EmailMessage, request: SendRequest) -> None:
+class _Placeholders:
+    """Stand-ins for the parts' bodies while the email library lays out the structure.
+
+    The library encodes bodies slowly (line by line in Python) and holds several copies of each
+    at once; a part of megabytes made both visible. So each part is laid out around a short
+    marker line, and ``splice`` puts the body, encoded here in C (binascii), in that line's place.
+    The markers carry a random token, so no caller's text can contain one.
+    """
+
+    def __init__(self) -> None:
+        self._token = secrets.token_hex(16)
+        self._bodies: list[tuple[bytes, Callable[[], list[bytes]]]] = []
+
+    def _marker(self, kind: str) -> str:
+        return f"smtpapi-{kind}-{len(self._bodies)}-{self._token}"
+
+    def text(self, text: str, cte: str) -> str:
+        """A stand-in for ``text``, to be sent as ``cte`` (7bit or quoted-printable)."""
+        marker = self._marker("text")
+        # An ASCII word needs no transfer encoding: the library writes the marker as it is.
+        self._bodies.append((marker.encode("ascii"), lambda: [encode_text(text, cte)]))
+        return marker + "\n"
+
+    def binary(self, content: bytes) -> bytes:
+        """A stand-in for ``content``, to be sent as base64."""
+        marker = self._marker("part").encode("ascii")
+        # Under 57 bytes, the library writes the marker's base64 on one line.
+        self._bodies.append((base64.b64encode(marker), lambda: base64_blocks(content)))
+        return marker
+
+    def splice(self, data: bytes) -> tuple[bytes, ...]:
+        """``data`` cut at each marker's line, with the encoded body in its place."""
+        found: list[tuple[int, int, Callable[[], list[bytes]]]] = []
+        for marker, encode in self._bodies:
+            line = b"\r\n" + marker + b"\r\n"
+            at = data.find(line)
+            if at < 0 or data.find(line, at + 1) >= 0:
+                raise RuntimeError("a part's marker is missing or repeated in the generated message")
+            found.append((at + 2, at + len(line), encode))
+        pieces: list[bytes] = []
+        offset = 0
+        for start, stop, encode in sorted(found, key=lambda item: item[0]):
+            pieces.append(data[offset:start])
+            pieces.extend(encode())
+            offset = stop
+        pieces.append(data[offset:])
+        return tuple(piece for piece in pieces if piece)
+
+
+def _fill_body(message: EmailMessage, request: SendRequest, holes: _Placeholders) -> None:
     """Text and HTML as multipart/alternative, inline parts beside the HTML, attachments in mixed."""
+
+    def text(value: str) -> tuple[str, str]:
+        value = _ensure_final_newline(value)
+        cte = _text_cte(value)
+        return holes.text(value, cte), cte
+
     if request.body.strip():
-        body = _ensure_final_newline(request.body)
-        message.set_content(body, subtype="plain", charset="utf-8", cte=_text_cte(body))
+        body, cte = text(request.body)
+        message.set_content(body, subtype="plain", charset="utf-8", cte=cte)
         if request.html_body.strip():
-            html = _ensure_final_newline(request.html_body)
-            message.add_alternative(html, subtype="html", charset="utf-8", cte=_text_cte(html))
-            _add_inline_parts(list(message.iter_parts())[-1], request.attachments)
+            html, cte = text(request.html_body)
+            message.add_alternative(html, subtype="html", charset="utf-8", cte=cte)
+            _add_inline_parts(list(message.iter_parts())[-1], request.attachments, holes)
     else:
-        html = _ensure_final_newline(request.html_body)
-        message.set_content(html, subtype="html", charset="utf-8", cte=_text_cte(html))
-        _add_inline_parts(message, request.attachments)
+        html, cte = text(request.html_body)
+        message.set_content(html, subtype="html", charset="utf-8", cte=cte)
+        _add_inline_parts(message, request.attachments, holes)
     for attachment in request.attachments:
         if attachment.inline:
             continue
         maintype, subtype = attachment.content_type.split("/", 1)
         # Filenames go out as RFC 2231 parameters when they are not ASCII (the policy does this).
         message.add_attachment(
-            attachment.content,
+            holes.binary(attachment.content),
             maintype=maintype,
             subtype=subtype,
             filename=attachment.filename,
@@ -81,13 +139,13 @@ def _fill_body(message: EmailMessage, request: SendRequest) -> None:
         )
 
 
-def _add_inline_parts(html_part: MIMEPart, attachments: tuple[Attachment, ...]) -> None:
+def _add_inline_parts(html_part: MIMEPart, attachments: tuple[Attachment, ...], holes: _Placeholders) -> None:
     """Turn the HTML part into multipart/related holding the HTML first, then each inline part."""
     inline = [a for a in attachments if a.inline]
     for attachment in inline:
         maintype, subtype = attachment.content_type.split("/", 1)
         html_part.add_related(
-            attachment.content,
+            holes.binary(attachment.content),
             maintype=maintype,
             subtype=subtype,
             cid=f"<{attachment.content_id}>",
@@ -112,6 +170,22 @@ def build_message(
     ``message_id`` is the full ``<...>`` value. The caller's ``headers`` follow the service's own;
     ``extra_headers`` are trusted (set by the service) and come last.
     """
+    return b"".join(build_message_parts(request, message_id=message_id, date=date, extra_headers=extra_headers))
+
+
+def build_message_parts(
+    request: SendRequest,
+    *,
+    message_id: str,
+    date: datetime,
+    extra_headers: tuple[tuple[str, str], ...] = (),
+) -> tuple[bytes, ...]:
+    """``build_message`` as consecutive pieces, each ending with CRLF, without joining them.
+
+    An attachment's base64 text is its own run of pieces (about 78 KB each), so the message never
+    exists as one more copy of itself: its size in memory is the sum of the pieces.
+    """
+    holes = _Placeholders()
     message = EmailMessage(policy=email_policy.default)
     message["From"] = _header_address(request.sender)
     message["To"] = [_header_address(a) for a in request.to]
@@ -128,9 +202,36 @@ def build_message(
             message[name] = value
         else:
             encoded.append(encode_text_header(name, value))
-    _fill_body(message, request)
+    _fill_body(message, request, holes)
     data = normalise_crlf(message.as_bytes(policy=_POLICY))
-    return _insert_headers(data, identity_headers(request, message_id), encoded)
+    return holes.splice(_insert_headers(data, identity_headers(request, message_id), encoded))
+
+
+_BASE64_BLOCK = 57 * 1024  # input bytes per block: 1,024 lines of 76 characters (RFC 2045 6.8)
+
+
+def base64_blocks(content: bytes) -> list[bytes]:
+    """``content`` as base64 in CRLF-terminated lines of 76 characters, in blocks of 1,024 lines."""
+    view = memoryview(content)
+    return [
+        base64.encodebytes(view[start : start + _BASE64_BLOCK]).replace(b"\n", b"\r\n")
+        for start in range(0, len(content), _BASE64_BLOCK)
+    ]
+
+
+def encode_text(text: str, cte: str) -> bytes:
+    """A text part's body as sent: UTF-8, as 7bit or quoted-printable, CRLF line ends, a final CRLF.
+
+    Any line end (CRLF, CR or LF) becomes one CRLF, as the email library does for text parts.
+    Quoted-printable lines stay under 77 octets with soft breaks (RFC 2045 6.7).
+    """
+    data = text.encode("utf-8")
+    if b"\r" in data:
+        data = _ANY_EOL.sub(b"\n", data)
+    if cte == "quoted-printable":
+        data = binascii.b2a_qp(data, istext=True)
+    data = data.replace(b"\n", b"\r\n")
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 
 def encode_text_header(name: str, value: str) -> bytes:

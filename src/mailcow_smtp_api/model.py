@@ -6,8 +6,13 @@ Pure core: stdlib and attrs only.
 from __future__ import annotations
 
 from enum import Enum
+from typing import TypeAlias
 
 import attrs
+
+# A message ready for DATA: one string, or consecutive pieces of whole CRLF-terminated lines
+# (mime.build_message_parts), sent one after the other without being joined.
+MessageData: TypeAlias = bytes | tuple[bytes, ...]
 
 
 @attrs.frozen

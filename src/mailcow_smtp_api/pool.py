@@ -31,7 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .errors import SmtpFailure
-from .model import Credentials, Envelope, Security, SmtpTarget, SubmitResult
+from .model import Credentials, Envelope, MessageData, Security, SmtpTarget, SubmitResult
 
 log = Logger(namespace="smtpapi.pool")
 
@@ -45,7 +45,7 @@ class Session(Protocol):
     def usable(self) -> bool:
         """True while the connection is up and in step with the server."""
 
-    async def send(self, envelope: Envelope, message: bytes) -> SubmitResult:
+    async def send(self, envelope: Envelope, message: MessageData) -> SubmitResult:
         """One transaction."""
 
     async def reset(self) -> None:
@@ -163,7 +163,7 @@ class SessionPool:
         return (target.host, target.port, target.security, credentials.login.lower(), digest)
 
     def submit(
-        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: bytes
+        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: MessageData
     ) -> Deferred[SubmitResult]:
         """Send over a pooled session when one fits, else a fresh one; fail with SmtpFailure only."""
         limit = self._limit(target)
@@ -176,7 +176,7 @@ class SessionPool:
         return self._limits[name]
 
     async def _submit(
-        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: bytes
+        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: MessageData
     ) -> SubmitResult:
         key = self.key_for(target, credentials)
         self.busy += 1

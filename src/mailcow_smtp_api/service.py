@@ -6,7 +6,7 @@ fakes and the process wires in the database, the SMTP client and the clock.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -19,10 +19,11 @@ from .apikeys import ip_in, parse_networks
 from .config import Config
 from .errors import ApiError, SmtpFailure, smtp_failure_to_api_error
 from .idempotency import Answer, Claim, Record, State, Verdict
-from .mime import build_message, envelope_for, make_message_id
+from .mime import build_message_parts, envelope_for, make_message_id
 from .model import (
     Credentials,
     Envelope,
+    MessageData,
     Security,
     SendRequest,
     SmtpTarget,
@@ -61,7 +62,7 @@ class Submitter(Protocol):
     """Submits one message over SMTP."""
 
     def submit(
-        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: bytes
+        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: MessageData
     ) -> Deferred[SubmitResult]:
         """Fire with the server's answer, or fail with ``SmtpFailure``."""
 
@@ -202,8 +203,8 @@ class SendService:
         extra = (("X-Request-Id", request_id),) if request_id else ()
         date = self.now()
 
-        def build() -> bytes:
-            return build_message(request, message_id=message_id, date=date, extra_headers=extra)
+        def build() -> MessageData:
+            return build_message_parts(request, message_id=message_id, date=date, extra_headers=extra)
 
         # Building megabytes of MIME (base64 of the attachments) must not stall the reactor.
         message = await self.offload(build) if self.offload is not None and _size(request) > BUILD_OFFLOAD_BYTES else build()
@@ -281,7 +282,7 @@ class IdempotentSends:
         self,
         raw_api_key: str | None,
         key: str,
-        raw_body: bytes,
+        raw_body: bytes | Iterable[bytes],
         attempt: Callable[[], Awaitable[Completion]],
         request_id: str,
     ) -> tuple[Answer, bool]:

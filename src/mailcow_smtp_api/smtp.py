@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import attrs
@@ -54,7 +54,7 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 
 from .errors import SmtpFailure
 from .mime import crlf_only
-from .model import Credentials, Envelope, RecipientResult, Security, SmtpTarget, SubmitResult
+from .model import Credentials, Envelope, MessageData, RecipientResult, Security, SmtpTarget, SubmitResult
 
 _T = TypeVar("_T")
 
@@ -121,20 +121,45 @@ def normalize_line_ends(message: bytes) -> bytes:
     return text
 
 
-def data_payload(message: bytes) -> bytes:
-    """The bytes sent after ``354``: the normalized message, dot-stuffed, then ``.`` CRLF.
+def message_pieces(message: MessageData) -> tuple[bytes, ...]:
+    """The message as normalized pieces, each of whole CRLF-terminated lines.
 
-    Every line that starts with ``.`` gets one more ``.`` (RFC 5321 4.5.2). The whole message is
-    stuffed at once, so no chunk boundary can hide the start of a line.
+    Pieces from ``mime.build_message_parts`` are used as they are; anything else is joined and
+    normalized, so that no bare CR or LF can hide at the seam of two pieces.
     """
-    return _stuff(normalize_line_ends(message))
+    if isinstance(message, bytes):
+        text = normalize_line_ends(message)
+        return (text,) if text else ()
+    if all(crlf_only(piece) and piece.endswith(b"\r\n") for piece in message if piece):
+        return tuple(piece for piece in message if piece)
+    return message_pieces(b"".join(message))
 
 
-def _stuff(text: bytes) -> bytes:
-    """Dot-stuff normalized ``text`` and append the terminator."""
-    if text.startswith(b"."):
-        text = b"." + text
-    return text.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+def stuffed_chunks(pieces: tuple[bytes, ...], size: int = _CHUNK) -> Iterator[bytes]:
+    """The bytes sent after ``354``, lazily: ``pieces`` dot-stuffed in chunks, then ``.`` CRLF.
+
+    Every line that starts with ``.`` gets one more ``.`` (RFC 5321 4.5.2). Chunks are cut at line
+    ends only (a line longer than ``size`` stays whole), so every chunk starts a line and no chunk
+    boundary can hide a line's first dot.
+    """
+    for piece in pieces:
+        offset, total = 0, len(piece)
+        while offset < total:
+            end = offset + size
+            if end < total:
+                cut = piece.rfind(b"\r\n", offset, end)
+                end = cut + 2 if cut >= offset else piece.index(b"\r\n", end - 1) + 2
+            chunk = piece[offset:end] if offset or end < total else piece
+            if chunk.startswith(b"."):
+                chunk = b"." + chunk
+            yield chunk.replace(b"\r\n.", b"\r\n..")
+            offset = end
+    yield b".\r\n"
+
+
+def data_payload(message: MessageData) -> bytes:
+    """The bytes sent after ``354`` as one string (see ``stuffed_chunks``)."""
+    return b"".join(stuffed_chunks(message_pieces(message)))
 
 
 def parse_ehlo(reply: Reply) -> dict[str, str]:
@@ -525,7 +550,7 @@ class SmtpClientProtocol(LineReceiver):
             return succeed(None)
         return self._wait("tls", "tls")
 
-    def send_payload(self, payload: bytes) -> Deferred[Reply]:
+    def send_payload(self, payload: Iterator[bytes]) -> Deferred[Reply]:
         """Write the DATA payload (as streamed by ``_PayloadWriter``); fire with the reply to the final dot.
 
         The timeout restarts whenever the transport takes another chunk, so a large message on a slow
@@ -565,10 +590,9 @@ class SmtpClientProtocol(LineReceiver):
 class _PayloadWriter:
     """Streams the DATA payload in chunks while the transport keeps up (a streaming producer)."""
 
-    def __init__(self, protocol: SmtpClientProtocol, payload: bytes) -> None:
+    def __init__(self, protocol: SmtpClientProtocol, payload: Iterator[bytes]) -> None:
         self._protocol = protocol
         self._payload = payload
-        self._offset = 0
         self._paused = False
         self._stopped = False
         self._writing = False
@@ -591,16 +615,15 @@ class _PayloadWriter:
 
     def _write_while_unpaused(self) -> None:
         transport: Any = self._protocol.transport
-        total = len(self._payload)
-        while not self._paused and not self._stopped and self._offset < total:
-            chunk = self._payload[self._offset : self._offset + _CHUNK]
-            self._offset += len(chunk)
+        while not self._paused and not self._stopped:
+            chunk = next(self._payload, None)
+            if chunk is None:
+                self._stopped = True
+                transport.unregisterProducer()
+                self._protocol._payload_written()
+                return
             transport.write(chunk)
             self._protocol._progress()
-        if self._offset >= total and not self._stopped:
-            self._stopped = True
-            transport.unregisterProducer()
-            self._protocol._payload_written()
 
     def pauseProducing(self) -> None:
         """The transport's buffer is full."""
@@ -683,7 +706,7 @@ class SmtpSession:
             shown = " ".join(sorted(offered)) or "none"
             raise SmtpFailure(kind="protocol", phase="auth", reason=f"no AUTH mechanism in common (server offers: {shown})")
 
-    async def send(self, envelope: Envelope, message: bytes) -> SubmitResult:
+    async def send(self, envelope: Envelope, message: MessageData) -> SubmitResult:
         """One transaction: MAIL, RCPT for each recipient, DATA, the message; the server's verdict.
 
         Refused recipients are listed in the result and the message goes to the others; when every
@@ -691,9 +714,10 @@ class SmtpSession:
         """
         sender = _wire_address(envelope.sender, "sender", allow_empty=True)
         recipients = [_wire_address(r, "recipient") for r in envelope.recipients]
-        text = normalize_line_ends(message)
+        pieces = message_pieces(message)
         # SIZE counts the message with its CRLFs but without stuffing dots (RFC 1870 3).
-        mail = _mail_from(sender, len(text), not text.isascii(), self.keywords)
+        size = sum(len(piece) for piece in pieces)
+        mail = _mail_from(sender, size, not all(piece.isascii() for piece in pieces), self.keywords)
         hidden = self.protocol.secrets  # a server may quote the AUTH line in any later reply
         _expect(await self.protocol.command(mail, "mail"), (250,), "mail", hidden)
         results: list[RecipientResult] = []
@@ -708,7 +732,7 @@ class SmtpSession:
             first = results[0]
             raise SmtpFailure(kind="reply", phase="rcpt", code=first.code, text=first.text, recipients=tuple(results))
         _expect(await self.protocol.command(b"DATA", "data"), (354,), "data", hidden)
-        final = _expect(await self.protocol.send_payload(_stuff(text)), (250,), "message", hidden)
+        final = _expect(await self.protocol.send_payload(stuffed_chunks(pieces)), (250,), "message", hidden)
         return SubmitResult(code=final.code, text=_redact(final.text, hidden), recipients=tuple(results), queue_id=queue_id_of(final.text))
 
     async def reset(self) -> None:
@@ -751,7 +775,7 @@ class SmtpSubmitter:
         self._context = _client_context(tls)
 
     def submit(
-        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: bytes
+        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: MessageData
     ) -> Deferred[SubmitResult]:
         """Connect, secure, authenticate, send ``message`` to ``envelope``; fail with ``SmtpFailure`` only.
 
@@ -762,7 +786,7 @@ class SmtpSubmitter:
         return Deferred.fromCoroutine(self._submit(target, credentials, envelope, message))
 
     async def _submit(
-        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: bytes
+        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: MessageData
     ) -> SubmitResult:
         session = await self.open_session(target, credentials)
         result = await _ending_on_failure(session, session.send(envelope, message))

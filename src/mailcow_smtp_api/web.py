@@ -5,11 +5,12 @@ A handler reads, calls the service, renders. Nothing here decides policy.
 
 from __future__ import annotations
 
+import io
 import json
 import secrets
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
 import attrs
 from klein import Klein
@@ -29,7 +30,7 @@ from .model import SendRequest
 from .openapi import document as openapi_document
 from .responses import error_body, success_body
 from .service import Completion, IdempotentSends, Progress, SendOutcome, SendService
-from .validate import ParsePolicy, parse_json, parse_request
+from .validate import ParsePolicy, decode_body, parse_json_text, parse_request
 
 log = Logger(namespace="smtpapi")
 
@@ -93,8 +94,6 @@ class LimitedRequest(server.Request):
         super().handleContentChunk(data)
 
     def _refuse(self) -> None:
-        import io
-
         self._refused = True
         self.content = io.BytesIO()
         err = ApiError.of(
@@ -134,6 +133,45 @@ def channel_factory() -> Any:
 def request_factory(max_body: int) -> type[LimitedRequest]:
     """A ``LimitedRequest`` class with the operator's limit."""
     return type("ConfiguredRequest", (LimitedRequest,), {"max_body": max_body})
+
+
+class RequestBody:
+    """A request's body where Twisted buffered it: memory, or a temporary file past 100 kB.
+
+    It is read when needed rather than held: a body of megabytes is in memory only while it is
+    parsed, not for the whole request.
+    """
+
+    CHUNK = 1024 * 1024
+
+    def __init__(self, content: IO[bytes] | None) -> None:
+        self._content = content
+
+    def size(self) -> int:
+        """The body's length in bytes."""
+        if self._content is None:
+            return 0
+        return self._content.seek(0, io.SEEK_END)
+
+    def read(self) -> bytes:
+        """The whole body, a new copy each time."""
+        if self._content is None:
+            return b""
+        self._content.seek(0)
+        return self._content.read()
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body in consecutive pieces of at most ``CHUNK`` bytes."""
+        if self._content is None:
+            return
+        self._content.seek(0)
+        while chunk := self._content.read(self.CHUNK):
+            yield chunk
+
+
+def parse_body(body: RequestBody, policy: ParsePolicy) -> SendRequest:
+    """The parsed request. The body's bytes are released once decoded, its text once parsed."""
+    return parse_request(parse_json_text(decode_body(body.read())), policy)
 
 
 def shield(d: Deferred[Any]) -> Deferred[Any]:
@@ -207,11 +245,11 @@ class SmtpApi:
         try:
             await self.service.authenticate(request.getHeader("x-api-key"), client_ip)
             key = idempotency.parse_key(request.requestHeaders.getRawHeaders(b"idempotency-key"))
-            raw = request.content.read() if request.content is not None else b""
+            body = RequestBody(request.content)
             if key is None:
-                answer = (await self._attempt(request, raw, client_ip, request_id, run)).answer
+                answer = (await self._attempt(request, body, client_ip, request_id, run)).answer
             else:
-                answer, replayed = await self._once(request, key, raw, client_ip, request_id, run)
+                answer, replayed = await self._once(request, key, body, client_ip, request_id, run)
         except ApiError as err:
             answer = _error_answer(err, run.parsed, request_id)
         except Exception:
@@ -228,7 +266,7 @@ class SmtpApi:
         return answer.body_bytes()
 
     async def _once(
-        self, request: IRequest, key: str, raw: bytes, client_ip: str, request_id: str, run: _Run
+        self, request: IRequest, key: str, body: RequestBody, client_ip: str, request_id: str, run: _Run
     ) -> tuple[Answer, bool]:
         """A request with an Idempotency-Key: sent at most once, its answer kept and replayed."""
         if self.idempotency is None:
@@ -236,20 +274,20 @@ class SmtpApi:
         return await self.idempotency.run(
             request.getHeader("x-api-key"),
             key,
-            raw,
-            lambda: self._attempt(request, raw, client_ip, request_id, run),
+            body.chunks(),
+            lambda: self._attempt(request, body, client_ip, request_id, run),
             request_id,
         )
 
-    async def _attempt(self, request: IRequest, raw: bytes, client_ip: str, request_id: str, run: _Run) -> Completion:
+    async def _attempt(self, request: IRequest, body: RequestBody, client_ip: str, request_id: str, run: _Run) -> Completion:
         """Parse and send; every failure becomes an answer, with how far the send got."""
         progress = Progress()
         outcome_unknown = False
         try:
-            run.parsed = await self._parse_off_reactor(request, raw, client_ip)
+            run.parsed = await self._parse_off_reactor(request, body, client_ip)
             run.outcome = await self.service.send(run.parsed, client_ip, request_id, progress)
-            body = success_body(run.parsed, run.outcome.result, run.outcome.message_id, request_id)
-            answer = Answer(200, "smtp_partially_sent" if run.outcome.result.refused else "smtp_mail_sent", body)
+            sent = success_body(run.parsed, run.outcome.result, run.outcome.message_id, request_id)
+            answer = Answer(200, "smtp_partially_sent" if run.outcome.result.refused else "smtp_mail_sent", sent)
         except ApiError as err:
             answer = _error_answer(err, run.parsed, request_id)
             outcome_unknown = bool((err.detail or {}).get("outcome_unknown"))
@@ -283,7 +321,7 @@ class SmtpApi:
         elif code == "smtp_db_unavailable":
             self.metrics.db_errors.inc()
 
-    async def _parse_off_reactor(self, request: IRequest, raw: bytes, client_ip: str) -> SendRequest:
+    async def _parse_off_reactor(self, request: IRequest, body: RequestBody, client_ip: str) -> SendRequest:
         """Parse the body; a large one (megabytes of base64) is decoded in a worker thread."""
         content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
         if content_type != "application/json":
@@ -294,10 +332,10 @@ class SmtpApi:
             max_attachments=self.service.config.max_attachments,
             password_optional=lambda port: self.service.password_optional(port, client_ip),
         )
-        if self.offload is not None and len(raw) > OFFLOAD_BYTES:
-            parsed: SendRequest = await self.offload(lambda: parse_request(parse_json(raw), policy))
+        if self.offload is not None and body.size() > OFFLOAD_BYTES:
+            parsed: SendRequest = await self.offload(lambda: parse_body(body, policy))
             return parsed
-        return parse_request(parse_json(raw), policy)
+        return parse_body(body, policy)
 
     def _log_send(
         self,

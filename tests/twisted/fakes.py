@@ -8,7 +8,7 @@ import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 
 from mailcow_smtp_api.errors import API_AUTH_FAILED, ApiError, SmtpFailure
-from mailcow_smtp_api.model import Credentials, Envelope, RecipientResult, SmtpTarget, SubmitResult
+from mailcow_smtp_api.model import Credentials, Envelope, MessageData, RecipientResult, SmtpTarget, SubmitResult
 
 GOOD_KEY = "AAAAAA-BBBBBB-CCCCCC-DDDDDD-EEEEEE"
 
@@ -69,6 +69,11 @@ class FakeLocalAuth:
         return fail(ApiError.of("smtp_auth_failed"))
 
 
+def joined(message: MessageData) -> bytes:
+    """A submitted message as one string, whether it came as one or in pieces."""
+    return message if isinstance(message, bytes) else b"".join(message)
+
+
 @attrs.define
 class FakeSubmitter:
     """Records submissions; answers with ``failure`` or a success accepting every recipient."""
@@ -78,9 +83,9 @@ class FakeSubmitter:
     sent: list[tuple[SmtpTarget, Credentials | None, Envelope, bytes]] = attrs.Factory(list)
 
     def submit(
-        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: bytes
+        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: MessageData
     ) -> Deferred[SubmitResult]:
-        self.sent.append((target, credentials, envelope, message))
+        self.sent.append((target, credentials, envelope, joined(message)))
         if self.failure is not None:
             return fail(self.failure)
         rcpts = tuple(

@@ -33,6 +33,7 @@ from mailcow_smtp_api.idempotency import (
 from mailcow_smtp_api.model import (
     Credentials,
     Envelope,
+    MessageData,
     RecipientResult,
     SmtpTarget,
     SubmitResult,
@@ -40,7 +41,7 @@ from mailcow_smtp_api.model import (
 from mailcow_smtp_api.service import IdempotentSends, SendService
 from mailcow_smtp_api.web import SmtpApi
 
-from .fakes import GOOD_KEY, FakeSenders, FakeSubmitter, FakeThrottle
+from .fakes import GOOD_KEY, FakeSenders, FakeSubmitter, FakeThrottle, joined
 
 URL = "http://sidecar.test/api/v1/send/email"
 OTHER_KEY = "111111-222222-333333-444444-555555"
@@ -100,9 +101,9 @@ class HeldSubmitter(FakeSubmitter):
     pending: list[Deferred[SubmitResult]] = attrs.Factory(list)
 
     def submit(
-        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: bytes
+        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: MessageData
     ) -> Deferred[SubmitResult]:
-        self.sent.append((target, credentials, envelope, message))
+        self.sent.append((target, credentials, envelope, joined(message)))
         d: Deferred[SubmitResult] = Deferred()
         self.pending.append(d)
         return d

@@ -37,7 +37,7 @@ from mailcow_smtp_api import validate
 from mailcow_smtp_api.config import Config, from_options
 from mailcow_smtp_api.errors import CODES
 from mailcow_smtp_api.service import SendService
-from mailcow_smtp_api.smtp import data_payload
+from mailcow_smtp_api.smtp import data_payload, message_pieces, stuffed_chunks
 from mailcow_smtp_api.web import SmtpApi, channel_factory, request_factory
 from tests.twisted.fakes import GOOD_KEY, FakeKeys, FakeSubmitter
 
@@ -737,16 +737,18 @@ def test_too_many_recipients_are_refused_before_parsing_them(shell: Shell, monke
 def test_thousands_of_attachments_are_refused(shell: Shell, monkeypatch: pytest.MonkeyPatch) -> None:
     """More attachments than --max-attachments answer 400 smtp_too_many_attachments before any is decoded."""
     decoded = []
-    real = validate.base64.b64decode
+    real = validate.binascii.a2b_base64
 
-    def counting(data: Any, validate: bool = False) -> bytes:
+    def counting(data: Any, strict_mode: bool = False) -> bytes:
         decoded.append(1)
-        return real(data, validate=validate)
+        return real(data, strict_mode=strict_mode)
 
-    monkeypatch.setattr(validate.base64, "b64decode", counting)
+    monkeypatch.setattr(validate.binascii, "a2b_base64", counting)
     attachments = [{"filename": f"f{i}.txt", "content": "YQ=="} for i in range(3000)]
     assert_refused(shell, shell.post(request(attachments=attachments)), 400, "smtp_too_many_attachments")
     assert decoded == []
+    assert shell.post(request(attachments=attachments[:2])).status == 200
+    assert decoded == [1, 1]  # the counter sees the decoding it is there to catch
 
 
 def _channel(limit: int) -> tuple[Shell, Any, StringTransport]:
@@ -1141,3 +1143,34 @@ def test_auth_data_quoted_back_by_the_server_never_reaches_an_answer(phase: str)
     assert any("[redacted]" in text for text in texts)
     for text in texts:
         assert PLAIN_BLOB.decode() not in text and PASSWORD not in text
+
+
+_LINE = st.sampled_from([b"", b".", b"..", b".x", b"x", b"x.", b"\xc3\xa9", b"a" * 70])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.lists(_LINE, min_size=1, max_size=12).map(lambda ls: b"".join(l + b"\r\n" for l in ls)), max_size=6),
+    size=st.integers(min_value=1, max_value=40),
+)
+def test_pieces_are_stuffed_in_chunks_exactly_as_the_whole_message(pieces: list[bytes], size: int) -> None:
+    """Pieces of whole lines, cut into chunks of any size: the same bytes as stuffing the joined message."""
+    whole = b"".join(pieces)
+    chunks = list(stuffed_chunks(message_pieces(tuple(pieces)), size))
+    assert b"".join(chunks) == data_payload(whole)
+    assert unstuff(b"".join(chunks)) == (whole, b"")
+    for chunk in chunks[:-1]:
+        assert chunk.endswith(b"\r\n")  # every chunk ends a line, so the next one starts one
+        lines = [line[1:] if line.startswith(b".") else line for line in chunk.split(b"\r\n")[:-1]]
+        unstuffed = sum(len(line) + 2 for line in lines)
+        assert unstuffed <= size or len(lines) == 1  # only a line longer than a chunk makes one longer
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [(b"a\r", b"\nb\r\n"), (b"a\r\n", b".b"), (b"x\n", b".\r\n"), (b"a", b"b\r\n"), (b"\r\n.", b"\r\n")],
+)
+def test_pieces_with_bare_line_ends_or_open_lines_at_a_seam_are_joined_first(pieces: tuple[bytes, ...]) -> None:
+    """A bare CR, LF or an unfinished line at a seam is normalized as if the message came whole."""
+    assert data_payload(pieces) == data_payload(b"".join(pieces))
+    assert message_pieces(pieces) == (message_pieces(b"".join(pieces))[0],)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.mime import LINE_LIMIT, build_message, envelope_for, longest_line, make_message_id
+from mailcow_smtp_api.mime import LINE_LIMIT, build_message, build_message_parts, envelope_for, longest_line, make_message_id
 from mailcow_smtp_api.validate import parse_request
 
 DATE = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
@@ -191,3 +191,73 @@ def test_spaces_between_encoded_words_survive(name: str, value: str) -> None:
     assert_wire_clean(data)
     assert msg[name].split() == value.split()
     assert len(msg.get_all(name)) == 1
+
+
+# --------------------------------------------------------------------------- attachments in pieces
+
+BLOCK = 57 * 1024  # input bytes per base64 block of 1,024 lines
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 56, 57, 58, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5])
+def test_attachment_pieces_hold_exact_bytes_in_76_column_lines(size: int) -> None:
+    """Every size decodes back to its bytes; every base64 line is 76 columns but the last of a part."""
+    content = bytes((i * 7 + size) % 256 for i in range(size))
+    req = request(attachments=[{"filename": "a.bin", "content": base64.b64encode(content).decode()}])
+    parts = build_message_parts(req, message_id="<m@example.com>", date=DATE)
+    assert all(piece.endswith(b"\r\n") for piece in parts)
+    data = b"".join(parts)
+    assert_wire_clean(data)
+    parsed = message_from_bytes(data.replace(b"\r\n", b"\n"), policy=policy.default)
+    assert isinstance(parsed, EmailMessage)
+    (attachment,) = list(parsed.iter_attachments())
+    assert attachment.get_content() == content
+    lines = attachment.get_payload().splitlines()
+    assert all(len(line) == 76 for line in lines[:-1])
+    assert not lines or 0 < len(lines[-1]) <= 76
+    assert b"smtpapi-part-" not in data and b"c210cGFwaS1wYXJ0" not in data  # no marker left
+
+
+def test_pieces_equal_build_message_and_inline_parts_keep_their_place() -> None:
+    """An inline image and two attachments: each part gets its own bytes, in document order."""
+    image, first, second = b"\x89PNG" * 5000, b"first" * 30000, b"second"
+    req = request(
+        html_body='<p><img src="cid:logo"></p>',
+        attachments=[
+            {"filename": "one.txt", "content": base64.b64encode(first).decode(), "content_type": "text/plain"},
+            {"filename": "logo.png", "content": base64.b64encode(image).decode(), "content_type": "image/png", "content_id": "logo"},
+            {"filename": "two.txt", "content": base64.b64encode(second).decode(), "content_type": "text/plain"},
+        ],
+    )
+    parts = build_message_parts(req, message_id="<m@example.com>", date=DATE)
+    assert len(parts) > 4  # the large attachment is cut into blocks, not joined
+    data = b"".join(parts)
+    parsed = message_from_bytes(data.replace(b"\r\n", b"\n"), policy=policy.default)
+    assert isinstance(parsed, EmailMessage)
+    related = next(p for p in parsed.walk() if p.get_content_type() == "multipart/related")
+    inline = [p for p in related.iter_parts() if p.get_content_type() == "image/png"]
+    assert [p.get_content() for p in inline] == [image]
+    assert [(a.get_filename(), a.get_content()) for a in parsed.iter_attachments()] == [
+        ("one.txt", first.decode()),
+        ("two.txt", second.decode()),
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(
+        alphabet=st.sampled_from(["a", " ", "\t", "=", ".", "\u00e9", "\u65e5", "\U0001f600", "\n", "\r", "-"]),
+        min_size=1,
+        max_size=400,
+    ).filter(lambda t: t.strip()),
+    html=st.booleans(),
+)
+def test_text_bodies_round_trip_through_7bit_or_quoted_printable(text: str, html: bool) -> None:
+    """Whatever the text, the reader decodes it back (line ends as LF) and no wire line is over 78."""
+    req = request(body="", html_body=text) if html else request(body=text)
+    data, msg = build(req)
+    assert_wire_clean(data)
+    assert max(len(line) for line in data.split(b"\r\n")) <= 78
+    part = msg.get_body(("html",) if html else ("plain",))
+    assert part is not None
+    expected = text.replace("\r\n", "\n").replace("\r", "\n")
+    assert part.get_content() == (expected if expected.endswith("\n") else expected + "\n")
