@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import re
+import socket
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -426,6 +427,7 @@ class SmtpClientProtocol(LineReceiver):
 
     def handshakeCompleted(self) -> None:
         """The TLS handshake is done: check the certificate's name before anything is sent over it."""
+        self._ack_tickets_at_once()
         problem = self._tls_check(self.transport.getPeerCertificate()) if self._tls_check else None  # type: ignore[union-attr]
         if problem is not None:
             self._fail(SmtpFailure(kind="tls", phase="tls", reason=problem))
@@ -436,6 +438,20 @@ class SmtpClientProtocol(LineReceiver):
             self._waiter = None
             self._disarm()
             waiter.callback(None)
+
+    def _ack_tickets_at_once(self) -> None:
+        """Acknowledge the server's TLS 1.3 session tickets at once rather than after ~40 ms.
+
+        After the handshake the server writes its session tickets, then the greeting (implicit TLS)
+        or the EHLO reply (STARTTLS) as a second small segment, which its Nagle algorithm holds until
+        the first is acknowledged. Linux delays that ACK by 40 ms because this side has just sent
+        its Finished (the exchange looks interactive). TCP_QUICKACK ends that mode and sends a held
+        ACK, but sending re-enters it, so it is set after the reactor has written the Finished
+        that is still buffered now: at the start of the turn after next.
+        """
+        sock = _tcp_socket(self.transport)
+        if sock is not None:
+            self._clock.callLater(0, self._clock.callLater, 0, _quick_ack, sock)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Fail whatever is awaited; the reason says whether TLS or the peer ended the connection."""
@@ -584,6 +600,23 @@ class SmtpClientProtocol(LineReceiver):
     def abort(self) -> None:
         """Drop the connection now."""
         self._fail(SmtpFailure(kind="dropped", phase=self.phase, reason="closed by the client"))
+
+
+def _tcp_socket(transport: Any) -> socket.socket | None:
+    """The TCP socket under ``transport`` (its getHandle() is the TLS connection once TLS is on)."""
+    sock = getattr(transport, "socket", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _quick_ack(sock: socket.socket) -> None:
+    """Leave delayed-ACK (interactive) mode and send any ACK being held; best effort, Linux only."""
+    option = getattr(socket, "TCP_QUICKACK", None)
+    if option is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+    except OSError:
+        pass  # the connection is already gone
 
 
 @implementer(IPushProducer)

@@ -6,6 +6,7 @@ Every timeout runs on a MemoryReactorClock; nothing touches the network.
 from __future__ import annotations
 
 import base64
+import socket
 from typing import Any
 
 from twisted.internet._resolver import HostResolution
@@ -631,6 +632,44 @@ class DataTests(Case):
         self.assertEqual(data_payload(b".x\r\ny\r\n"), b"..x\r\ny\r\n.\r\n")
         self.assertEqual(data_payload(b""), b".\r\n")
         self.assertEqual(data_payload(b"a\r\r\nb"), b"a\r\n\r\nb\r\n.\r\n")
+
+
+class _RecordingSocket(socket.socket):
+    """A real (unconnected) socket object that records setsockopt calls instead of making them."""
+
+    calls: list[tuple[int, int, int]]
+
+    def setsockopt(self, level: int, option: int, value: Any, *rest: Any) -> None:  # type: ignore[override]
+        self.calls.append((level, option, value))
+
+
+class QuickAckTests(Case):
+    def test_after_the_handshake_the_socket_leaves_delayed_ack_mode_later_not_at_once(self) -> None:
+        """TCP_QUICKACK is set by a later call, not during the handshake callback (the Finished is unwritten then).
+
+        The real reactor runs a call scheduled by a call in its next turn, so the nested zero-delay
+        call lands after the write; Clock.advance runs both at once.
+        """
+        c = until_starttls()
+        sock = _RecordingSocket()
+        sock.calls = []
+        self.addCleanup(sock.close)
+        c.transport.socket = sock  # type: ignore[attr-defined]
+        c.server(b"220 2.0.0 Ready to start TLS")
+        c.handshake()
+        self.assertEqual(sock.calls, [])
+        c.reactor.advance(0)
+        quick = getattr(socket, "TCP_QUICKACK", None)
+        self.assertEqual(sock.calls, [] if quick is None else [(socket.IPPROTO_TCP, quick, 1)])
+        self.assertEqual(c.sent(), b"EHLO client.test\r\n")  # the session goes on as before
+
+    def test_without_a_socket_nothing_is_scheduled(self) -> None:
+        """An in-memory transport has no socket: the handshake schedules no call."""
+        c = until_starttls()
+        pending = len(c.reactor.getDelayedCalls())
+        c.server(b"220 2.0.0 Ready to start TLS")
+        c.handshake()
+        self.assertEqual(len(c.reactor.getDelayedCalls()), pending)
 
 
 # --------------------------------------------------------------------------- STARTTLS injection
