@@ -6,11 +6,11 @@ Parse, don't validate: everything downstream trusts what this module returns. Pu
 from __future__ import annotations
 
 import binascii
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from email.errors import HeaderParseError
-from email.headerregistry import HeaderRegistry
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -18,6 +18,7 @@ import attrs
 import idna
 
 from .errors import ApiError
+from .mime import HEADER_REGISTRY
 from .model import Address, Attachment, ListUnsubscribe, SendRequest
 
 
@@ -51,7 +52,7 @@ _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # RFC 2045 token characters for type and subtype.
 _MIME_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}")
-_HEADERS = HeaderRegistry()
+_HEADERS = HEADER_REGISTRY
 # RFC 5322 2.2 field name: printable US-ASCII except the colon (ftext). Kept short enough that
 # "Name: " still leaves room on a 78-character line.
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
@@ -150,6 +151,7 @@ def _encodes(value: Any) -> bool:
 # --------------------------------------------------------------------------- addresses
 
 
+@functools.lru_cache(maxsize=4096)
 def _domain_ascii(domain: str) -> str | None:
     """The IDNA A-label form of ``domain``, or None when it is not a valid host name."""
     if not domain or domain.startswith("[") or len(domain) > 253:
