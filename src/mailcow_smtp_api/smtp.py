@@ -33,7 +33,8 @@ from __future__ import annotations
 import base64
 import re
 import socket
-from collections.abc import Callable, Coroutine, Iterator
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -206,6 +207,19 @@ def _mail_from(sender: bytes, size: int, eight_bit: bool, keywords: dict[str, st
     return line
 
 
+def _no_recipient_accepted(results: Sequence[RecipientResult]) -> None:
+    """Raise the first recipient's refusal when the server took none of them."""
+    if not any(r.accepted for r in results):
+        first = results[0]
+        raise SmtpFailure(kind="reply", phase="rcpt", code=first.code, text=first.text, recipients=tuple(results))
+
+
+def _closing(reply: Reply, phase: str, results: Sequence[RecipientResult], secrets: tuple[str, ...]) -> None:
+    """Raise at once on ``421``: the server is closing the session (RFC 5321 3.8), nothing more comes."""
+    if reply.code == 421:
+        raise SmtpFailure(kind="reply", phase=phase, code=421, text=_redact(reply.text, secrets), recipients=tuple(results))
+
+
 def _redact(text: str, secrets: tuple[str, ...]) -> str:
     """``text`` with every occurrence of a secret replaced, for a server that echoes them."""
     for secret in secrets:
@@ -348,7 +362,9 @@ class SmtpClientProtocol(LineReceiver):
         self.phase = "greeting"
         self._code: int | None = None
         self._lines: list[str] = []
-        self._queued: Reply | None = None
+        self._queued: Reply | None = None  # a reply nobody asked for (a greeting, a 421)
+        self._owed = 0  # replies due for commands written
+        self._backlog: deque[Reply] = deque()  # replies due that came before they were read
         self._waiter: Deferred[Any] | None = None
         self._waiting_for = ""  # "reply" or "tls"
         self._timer: Any = None  # the IDelayedCall of what is awaited
@@ -413,17 +429,23 @@ class SmtpClientProtocol(LineReceiver):
         self._fail(SmtpFailure(kind="protocol", phase=self.phase, reason="reply line too long"))
 
     def _deliver(self, reply: Reply) -> None:
+        solicited = self._owed > 0
+        if solicited:
+            self._owed -= 1
         waiter = self._waiter
         if waiter is not None and self._waiting_for == "reply":
             self._waiter = None
             self._disarm()
             waiter.callback(reply)
             return
-        if self._queued is not None or self._waiting_for == "data":
+        if self._waiting_for == "data" or (not solicited and self._queued is not None):
             self._fail(SmtpFailure(kind="protocol", phase=self.phase, reason="the server replied out of turn"))
             return
-        # The greeting may arrive before anyone asks for it (implicit TLS waits for the handshake first).
-        self._queued = reply
+        if solicited:
+            self._backlog.append(reply)  # pipelined: the reader asks for it next
+        else:
+            # The greeting may arrive before anyone asks for it (implicit TLS waits for the handshake first).
+            self._queued = reply
 
     def handshakeCompleted(self) -> None:
         """The TLS handshake is done: check the certificate's name before anything is sent over it."""
@@ -521,9 +543,12 @@ class SmtpClientProtocol(LineReceiver):
     # -- the calls a session makes
 
     def read_reply(self, phase: str) -> Deferred[Reply]:
-        """The next reply (the greeting), without sending anything."""
+        """The next reply: to a command written earlier, or the greeting."""
         if self._failure is not None:
             return fail(self._failure)
+        if self._backlog:
+            self.phase = phase
+            return succeed(self._backlog.popleft())
         if self._queued is not None:
             reply, self._queued = self._queued, None
             self.phase = phase
@@ -532,6 +557,16 @@ class SmtpClientProtocol(LineReceiver):
 
     def command(self, line: bytes, phase: str) -> Deferred[Reply]:
         """Send one command line and wait for its reply."""
+        self._discard_after_reply = line == b"STARTTLS"
+        failed = self.write_commands((line,), phase)
+        return failed if failed is not None else self.read_reply(phase)
+
+    def write_commands(self, lines: Sequence[bytes], phase: str) -> Deferred[Reply] | None:
+        """Write command lines in one go (RFC 2920 pipelining when there are several).
+
+        Their replies are then read in order with ``read_reply``. Returns a failed Deferred when
+        the connection has already failed, or when the server said something nobody asked for.
+        """
         if self._failure is not None:
             return fail(self._failure)
         if self._queued is not None:
@@ -541,10 +576,10 @@ class SmtpClientProtocol(LineReceiver):
             text = _redact(reply.text, self.secrets)
             self._fail(SmtpFailure(kind=kind, phase=phase, code=reply.code, text=text, reason="the server replied out of turn"))
             return fail(self._failure)
-        self._discard_after_reply = line == b"STARTTLS"
-        waiter = self._wait("reply", phase)
-        self.sendLine(line)
-        return waiter
+        self.phase = phase
+        self._owed += len(lines)
+        self.transport.write(b"".join(line + self.delimiter for line in lines))  # type: ignore[union-attr]
+        return None
 
     def start_tls(self, creator: Any) -> Deferred[None]:
         """Start TLS on this connection (after ``220`` to STARTTLS); fire when the name is verified."""
@@ -752,21 +787,61 @@ class SmtpSession:
         size = sum(len(piece) for piece in pieces)
         mail = _mail_from(sender, size, not all(piece.isascii() for piece in pieces), self.keywords)
         hidden = self.protocol.secrets  # a server may quote the AUTH line in any later reply
+        if "PIPELINING" in self.keywords:
+            results = await self._envelope_pipelined(mail, envelope.recipients, recipients, hidden)
+        else:
+            results = await self._envelope_in_step(mail, envelope.recipients, recipients, hidden)
+        final = _expect(await self.protocol.send_payload(stuffed_chunks(pieces)), (250,), "message", hidden)
+        return SubmitResult(code=final.code, text=_redact(final.text, hidden), recipients=tuple(results), queue_id=queue_id_of(final.text))
+
+    async def _envelope_in_step(
+        self, mail: bytes, addresses: tuple[str, ...], wires: list[bytes], hidden: tuple[str, ...]
+    ) -> tuple[RecipientResult, ...]:
+        """MAIL, each RCPT, DATA, each after the reply to the one before; the recipients' results."""
         _expect(await self.protocol.command(mail, "mail"), (250,), "mail", hidden)
         results: list[RecipientResult] = []
-        for address, wire in zip(envelope.recipients, recipients):
+        for address, wire in zip(addresses, wires):
             reply = await self.protocol.command(b"RCPT TO:<" + wire + b">", "rcpt")
             reply_text = _redact(reply.text, hidden)
             if reply.code == 421:  # the server is closing the session (RFC 5321 3.8)
                 raise SmtpFailure(kind="reply", phase="rcpt", code=421, text=reply_text, recipients=tuple(results))
             results.append(RecipientResult(address=address, code=reply.code, text=reply_text))
-        accepted = [r for r in results if r.accepted]
-        if not accepted:
-            first = results[0]
-            raise SmtpFailure(kind="reply", phase="rcpt", code=first.code, text=first.text, recipients=tuple(results))
+        _no_recipient_accepted(results)
         _expect(await self.protocol.command(b"DATA", "data"), (354,), "data", hidden)
-        final = _expect(await self.protocol.send_payload(stuffed_chunks(pieces)), (250,), "message", hidden)
-        return SubmitResult(code=final.code, text=_redact(final.text, hidden), recipients=tuple(results), queue_id=queue_id_of(final.text))
+        return tuple(results)
+
+    async def _envelope_pipelined(
+        self, mail: bytes, addresses: tuple[str, ...], wires: list[bytes], hidden: tuple[str, ...]
+    ) -> tuple[RecipientResult, ...]:
+        """MAIL, every RCPT and DATA in one write (RFC 2920), then their replies in order.
+
+        Every reply is read before any failure is raised, so the session stays in step for the
+        pool. A ``354`` to a DATA that must not go on (the sender or every recipient refused) is
+        answered by dropping the connection: the server then discards the transaction, where an
+        empty message ended with ``.`` could still reach a recipient it took.
+        """
+        rcpts = [b"RCPT TO:<" + wire + b">" for wire in wires]
+        failed = self.protocol.write_commands([mail, *rcpts, b"DATA"], "mail")
+        if failed is not None:
+            await failed
+        mail_reply = await self.protocol.read_reply("mail")
+        _closing(mail_reply, "mail", (), hidden)
+        results: list[RecipientResult] = []
+        for address in addresses:
+            reply = await self.protocol.read_reply("rcpt")
+            _closing(reply, "rcpt", results, hidden)
+            results.append(RecipientResult(address=address, code=reply.code, text=_redact(reply.text, hidden)))
+        data_reply = await self.protocol.read_reply("data")
+        _closing(data_reply, "data", results, hidden)
+        try:
+            _expect(mail_reply, (250,), "mail", hidden)
+            _no_recipient_accepted(results)
+        except SmtpFailure:
+            if data_reply.code == 354:
+                self.protocol.abort()
+            raise
+        _expect(data_reply, (354,), "data", hidden)
+        return tuple(results)
 
     async def reset(self) -> None:
         """RSET: abandon the current transaction (before reusing the session)."""

@@ -36,7 +36,9 @@ LOGIN_SECRET = base64.b64encode(PASSWORD.encode("utf-8"))
 SECRETS = (PASSWORD, PLAIN_BLOB.decode(), LOGIN_SECRET.decode())
 ENVELOPE = Envelope(sender="user1@example.org", recipients=("a@example.net", "b@example.net"))
 MESSAGE = b"Subject: hi\r\nFrom: user1@example.org\r\n\r\nHello.\r\n"
-EHLO_PLAIN = (b"250-mail.test", b"250-PIPELINING", b"250 ENHANCEDSTATUSCODES")
+# No PIPELINING: the scripted conversations check the one-command-at-a-time exchange.
+EHLO_PLAIN = (b"250-mail.test", b"250 ENHANCEDSTATUSCODES")
+EHLO_PIPELINING = (b"250-mail.test", b"250-PIPELINING", b"250 ENHANCEDSTATUSCODES")
 
 
 # --------------------------------------------------------------------------- PKI

@@ -33,6 +33,7 @@ from mailcow_smtp_api.smtp import (
 
 from .smtp_kit import (
     CREDENTIALS,
+    EHLO_PIPELINING,
     ENVELOPE,
     HELO,
     LOGIN_SECRET,
@@ -920,3 +921,86 @@ class HelperTests(SynchronousTestCase):
     def test_base64_constants_match_the_credentials(self) -> None:
         """The kit's expected AUTH blobs decode to the test credentials (guards the other tests)."""
         self.assertEqual(base64.b64decode(PLAIN_BLOB).split(b"\0"), [b"", b"user1@example.org", PASSWORD_BYTES])
+
+
+# --------------------------------------------------------------------------- pipelining (RFC 2920)
+
+
+class PipeliningTests(Case):
+    def pipelined(self, envelope: Envelope = ENVELOPE) -> Conversation:
+        """A plain-port send to a server offering PIPELINING, up to the client's one envelope write."""
+        c = Conversation(port=25, envelope=envelope)
+        c.connect()
+        c.server(b"220 mail.test ESMTP")
+        c.expect(b"EHLO " + HELO)
+        writes = c.transport.writes
+        c.server(*EHLO_PIPELINING)
+        rcpts = [b"RCPT TO:<" + r.encode() + b">" for r in envelope.recipients]
+        c.expect(b"MAIL FROM:<user1@example.org>", *rcpts, b"DATA")
+        self.assertEqual(c.transport.writes, writes + 1)  # one write for the whole envelope
+        return c
+
+    def test_the_envelope_goes_in_one_write_and_replies_may_come_together(self) -> None:
+        """MAIL, both RCPTs and DATA in one write; four replies in one segment; then the message."""
+        c = self.pipelined()
+        c.server(b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"550 5.1.1 <b@example.net>: unknown", b"354 go ahead")
+        self.assertEqual(c.sent(), MESSAGE + b".\r\n")
+        c.server(b"250 2.0.0 Ok: queued as PQ1")
+        result = self.successResultOf(c.result)
+        self.assertEqual(result.queue_id, "PQ1")
+        self.assertEqual([(r.address, r.code) for r in result.recipients], [("a@example.net", 250), ("b@example.net", 550)])
+
+    def test_replies_may_also_come_one_by_one(self) -> None:
+        """The same exchange with every reply in its own segment."""
+        c = self.pipelined(ONE_RCPT)
+        for reply in (b"250 2.1.0 Ok", b"250 2.1.5 Ok"):
+            c.server(reply)
+            self.assertEqual(c.sent(), b"")  # nothing until DATA's 354
+        c.server(b"354 go ahead")
+        self.assertEqual(c.sent(), MESSAGE + b".\r\n")
+        c.server(b"250 2.0.0 Ok: queued as PQ2")
+        self.assertEqual(self.successResultOf(c.result).queue_id, "PQ2")
+
+    def test_a_refused_sender_is_reported_after_every_reply_is_read_and_the_session_stays_in_step(self) -> None:
+        """553 to MAIL: the 503s to RCPT and DATA are read too; the connection stays open for RSET."""
+        c = Conversation(port=25, envelope=ONE_RCPT, open_only=True)
+        c.greet_and_ehlo(*EHLO_PIPELINING)
+        session = self.successResultOf(c.result)
+        sent = Deferred.fromCoroutine(session.send(ONE_RCPT, MESSAGE))
+        c.expect(b"MAIL FROM:<user1@example.org>", b"RCPT TO:<a@example.net>", b"DATA")
+        c.server(b"553 5.7.1 <user1@example.org>: Sender address rejected: not owned by user", b"503 5.5.1 need MAIL")
+        self.assertNoResult(sent)
+        c.server(b"503 5.5.1 need RCPT")
+        failure = self.failure_of(sent)
+        self.assertEqual((failure.kind, failure.phase, failure.code), ("reply", "mail", 553))
+        self.assertTrue(session.usable)
+        reset = Deferred.fromCoroutine(session.reset())
+        c.expect(b"RSET")
+        c.server(b"250 2.0.0 Ok")
+        self.successResultOf(reset)
+
+    def test_every_recipient_refused_and_data_refused_is_a_rcpt_failure(self) -> None:
+        """Postfix answers DATA with 554 when no recipient was taken: a rcpt failure, nothing sent."""
+        c = self.pipelined()
+        c.server(b"250 2.1.0 Ok", b"550 5.1.1 unknown a", b"550 5.1.1 unknown b", b"554 5.5.1 Error: no valid recipients")
+        failure = self.failure_of(c.result)
+        self.assertEqual((failure.kind, failure.phase, failure.code), ("reply", "rcpt", 550))
+        self.assertEqual([r.code for r in failure.recipients], [550, 550])
+        self.assertFalse(c.transport.aborted)
+        self.assertNotIn(MESSAGE, c.transport.value())
+
+    def test_a_354_after_every_recipient_was_refused_drops_the_connection_without_sending(self) -> None:
+        """A server that opens DATA anyway gets no message and no final dot: the connection is dropped."""
+        c = self.pipelined(ONE_RCPT)
+        c.server(b"250 2.1.0 Ok", b"550 5.1.1 unknown", b"354 go ahead")
+        failure = self.failure_of(c.result)
+        self.assertEqual((failure.phase, failure.code), ("rcpt", 550))
+        self.assertTrue(c.transport.aborted)
+        self.assertEqual(c.sent(), b"")
+
+    def test_421_stops_reading_and_fails_with_the_server_closing(self) -> None:
+        """421 to MAIL: the failure is the 421 at once (the server closes; no more replies come)."""
+        c = self.pipelined(ONE_RCPT)
+        c.server(b"421 4.4.2 mail.test Error: timeout exceeded")
+        failure = self.failure_of(c.result)
+        self.assertEqual((failure.kind, failure.phase, failure.code), ("reply", "mail", 421))
