@@ -45,7 +45,7 @@ class Config:
     metrics_listen: str | None = None
     log_format: str = "text"
     state_db: str = "sqlite:smtpapi-state.sqlite"
-    smtp_pool_size: int = 4
+    smtp_pool_size: int = 16
     smtp_pool_max_age: float = 300.0
     smtp_max_connections: int = 50
     db_cache_ttl: float = 5.0
@@ -280,7 +280,7 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         metrics_listen=metrics_listen,
         log_format=log_format,
         state_db=state_db,
-        smtp_pool_size=_int(text["smtp-pool-size"] or "", "smtp-pool-size", 0, 100),
+        smtp_pool_size=_int(text["smtp-pool-size"] or "", "smtp-pool-size", 0, 1000),
         smtp_pool_max_age=_float(text["smtp-pool-max-age"] or "", "smtp-pool-max-age", 1.0, 3600.0),
         smtp_max_connections=_int(text["smtp-max-connections"] or "", "smtp-max-connections", 1, 1000),
         db_cache_ttl=_float(text["db-cache-ttl"] or "", "db-cache-ttl", 0.0, 300.0),

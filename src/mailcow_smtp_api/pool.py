@@ -13,7 +13,10 @@ Rules (the order matters for "nothing lost, nothing duplicated"):
 - a failure on a REUSED session before the final ``.`` (the server dropped it, did not answer, or
   said 421) is retried once on a fresh session; a failure after the final ``.`` never is;
 - after a failed transaction the session is RSET before it goes back; if RSET fails it is closed;
-- at most ``max_busy_per_target`` sessions per target are in use at once; further sends wait.
+- at most ``max_busy_per_target`` sessions per target are in use at once; further sends wait;
+- at most ``max_idle_per_target`` sessions per target wait for reuse, whatever their logins: each
+  holds one of the server's smtpd processes. A session parked when the target has that many closes
+  the one idle longest (of any login), so the logins sending now keep theirs.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ class SessionPool:
         opener: SessionOpener,
         clock: Any,
         *,
-        max_idle_per_key: int = 4,
+        max_idle_per_target: int = 16,
         max_busy_per_target: int = 50,
         idle_timeout: float = 30.0,
         max_age: float = 300.0,
@@ -101,7 +104,7 @@ class SessionPool:
     ) -> None:
         self._opener = opener
         self._clock = clock
-        self.max_idle_per_key = max_idle_per_key
+        self.max_idle_per_target = max_idle_per_target
         self.max_busy_per_target = max_busy_per_target
         self.idle_timeout = idle_timeout
         self.max_age = max_age
@@ -247,14 +250,18 @@ class SessionPool:
 
     def _park(self, key: PoolKey, entry: _Idle) -> None:
         now = self._clock.seconds()
-        entries = self._idle.setdefault(key, [])
-        if not entry.session.usable or len(entries) >= self.max_idle_per_key or now - entry.opened >= self.max_age:
+        if not entry.session.usable or self.max_idle_per_target < 1 or now - entry.opened >= self.max_age:
             entry.session.quit()
-            if not entries:
-                del self._idle[key]
             return
+        same_target = [k for k in self._idle if k[:2] == key[:2]]
+        if sum(len(self._idle[k]) for k in same_target) >= self.max_idle_per_target:
+            # Entries are appended as they are parked, so each list's first is its longest idle.
+            oldest = min(same_target, key=lambda k: self._idle[k][0].last_used)
+            self._idle[oldest].pop(0).session.quit()
+            if not self._idle[oldest]:
+                del self._idle[oldest]
         entry.last_used = now
-        entries.append(entry)
+        self._idle.setdefault(key, []).append(entry)
         self._changed()
 
     def _changed(self) -> None:

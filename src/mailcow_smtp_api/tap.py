@@ -50,8 +50,9 @@ _HELP = {
     "instances on one host) or mysql://USER:PASS@HOST:PORT/NAME (shared by every instance; not mailcow's "
     "database); its table is created on first use",
     "idempotency-ttl": "seconds an Idempotency-Key and its stored answer are kept",
-    "smtp-pool-size": "idle authenticated SMTP sessions kept per (target, login, password) for reuse; 0 opens "
-    "a new connection for every message",
+    "smtp-pool-size": "idle authenticated SMTP sessions kept per target for reuse, all logins together (each "
+    "holds one smtpd process; the one idle longest makes room); a session only carries mail of the login and "
+    "password it authenticated; 0 opens a new connection for every message",
     "smtp-pool-max-age": "seconds a pooled session is used at most (also how long a password changed in mailcow "
     "keeps working through an open session)",
     "smtp-max-connections": "SMTP sessions in use at once per target; further sends wait for one",
@@ -172,7 +173,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     pool = SessionPool(
         submitter,
         reactor,
-        max_idle_per_key=config.smtp_pool_size,
+        max_idle_per_target=config.smtp_pool_size,
         max_busy_per_target=config.smtp_max_connections,
         max_age=config.smtp_pool_max_age,
         idle_timeout=min(30.0, config.smtp_pool_max_age),

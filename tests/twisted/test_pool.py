@@ -181,10 +181,10 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(r).queue_id for r in results], ["Q"] * 5)
         self.assertEqual(len(self.opener.sessions), 2)
 
-    def test_idle_sessions_per_key_are_bounded(self) -> None:
-        """At most max_idle_per_key sessions of one key wait; the rest are closed."""
+    def test_idle_sessions_per_target_are_bounded(self) -> None:
+        """At most max_idle_per_target sessions wait; the rest are closed."""
         self.opener.pending = []
-        pool = SessionPool(self.opener, self.clock, max_idle_per_key=1)
+        pool = SessionPool(self.opener, self.clock, max_idle_per_target=1)
         results = [pool.submit(TARGET, ALICE, ENV, b"m") for _ in range(3)]
         for d in list(self.opener.pending):
             d.callback(None)
@@ -192,6 +192,24 @@ class PoolTests(SynchronousTestCase):
             self.successResultOf(r)
         self.assertEqual(pool.idle, 1)
         self.assertEqual(sum("quit" in s.log for s in self.opener.sessions), 2)
+
+    def test_a_full_pool_closes_the_session_idle_longest_of_any_login(self) -> None:
+        """Two idle places per target: a third login's session evicts the oldest, another target is apart."""
+        pool = SessionPool(self.opener, self.clock, max_idle_per_target=2)
+        logins = [Credentials(f"user{i}@example.org", "pw") for i in range(3)]
+        for creds in logins:
+            self.successResultOf(pool.submit(TARGET, creds, ENV, b"m"))
+            self.clock.advance(1)
+        self.assertEqual(pool.idle, 2)
+        first, second, third = self.opener.sessions
+        self.assertIn("quit", first.log)
+        self.assertNotIn("quit", second.log + third.log)
+        other = SmtpTarget("127.0.0.2", 10587)
+        self.successResultOf(pool.submit(other, logins[0], ENV, b"m"))
+        self.assertEqual(pool.idle, 3)  # the other target has places of its own
+        self.successResultOf(pool.submit(TARGET, logins[2], ENV, b"m"))  # reuses its own session
+        self.assertEqual(len(self.opener.sessions), 4)
+        self.assertNotIn("quit", second.log)
 
     def test_password_is_not_kept(self) -> None:
         """The pool's keys hold a keyed hash, never the password."""
