@@ -71,6 +71,7 @@ def match_key(presented: str, candidates: Iterable[ApiKey]) -> ApiKey | None:
     return found if probe else None
 
 
+@lru_cache(maxsize=1024)
 def parse_ip(text: str) -> IPAddress | None:
     """An address from text, IPv4-mapped IPv6 turned into IPv4; None for anything else."""
     try:
@@ -107,8 +108,12 @@ def split_allow_from(text: str | None) -> list[str]:
     return [entry for entry in entries if entry]
 
 
+@lru_cache(maxsize=256)
 def parse_allow_from(text: str | None) -> tuple[IPNetwork, ...]:
-    """The networks in an ``allow_from`` value; entries that are not an IP or CIDR are ignored."""
+    """The networks in an ``allow_from`` value; entries that are not an IP or CIDR are ignored.
+
+    Cached: every request checks its key's value, and keys are few (a changed value is a new entry).
+    """
     networks = (_parse_entry(entry) for entry in split_allow_from(text))
     return tuple(network for network in networks if network is not None)
 

@@ -71,6 +71,16 @@ def _header_address(address: Address) -> HeaderAddress:
     return HeaderAddress(display_name=address.display_name, username=address.local, domain=address.domain_ascii)
 
 
+def _set_addresses(message: EmailMessage, name: str, addresses: list[HeaderAddress]) -> None:
+    """An address header. ASCII display names are written as the library formats them (quoted
+    where needed) without a parse per message; a line too long is folded by the library when the
+    message is generated. Others go through the library's header classes, which encode them."""
+    if all(address.display_name.isascii() for address in addresses):
+        message.set_raw(name, ", ".join(str(address) for address in addresses))
+    else:
+        message[name] = addresses if len(addresses) > 1 else addresses[0]
+
+
 def _text_cte(text: str) -> str:
     """7bit when the text is ASCII with short lines, else quoted-printable (readable, line-safe)."""
     if text.isascii() and max(map(len, text.split("\n"))) <= 78:
@@ -212,19 +222,23 @@ def build_message_parts(
     """
     holes = _Placeholders()
     message = EmailMessage(policy=_BUILD_POLICY)
-    message["From"] = _header_address(request.sender)
-    message["To"] = [_header_address(a) for a in request.to]
-    if request.cc:
-        message["Cc"] = [_header_address(a) for a in request.cc]
-    if request.reply_to is not None:
-        message["Reply-To"] = _header_address(request.reply_to)
-    message["Date"] = format_datetime(date)
+    for name, group in (
+        ("From", (request.sender,)),
+        ("To", request.to),
+        ("Cc", request.cc),
+        ("Reply-To", (request.reply_to,) if request.reply_to is not None else ()),
+    ):
+        if group:
+            _set_addresses(message, name, [_header_address(a) for a in group])
+    message.set_raw("Date", format_datetime(date))
     # Free text. ASCII values are folded by the library; non-ASCII ones are encoded here, because
     # the library's folding can drop the space between two encoded words ("a b" read back as "ab").
     encoded: list[bytes] = []
     for name, value in (("Subject", request.subject), *request.headers, *extra_headers):
         if value.isascii():
-            message[name] = value
+            # Stored as given: the generator writes a value that fits on its line unchanged and has
+            # the library fold one that does not (policy refold_source "long").
+            message.set_raw(name, value)
         else:
             encoded.append(encode_text_header(name, value))
     _fill_body(message, request, holes)

@@ -172,23 +172,43 @@ def parse_address(value: Any, field: str, code: str) -> Address:
         _fail(code, field, f"'{field}' must be a non-empty string holding one email address")
     if len(value) > 512 or _CONTROL.search(value):
         _fail(code, field, f"'{field}' has control characters or is too long")
+    parsed = _mailbox(value)
+    if isinstance(parsed, Address):
+        return parsed
+    reasons = {
+        "syntax": f"'{field}' is not a valid email address: {value!r}",
+        "count": f"'{field}' must hold exactly one valid email address: {value!r}",
+        "local": f"'{field}' has an unsupported local part (ASCII dot-atom only): {value!r}",
+        "domain": f"'{field}' has an invalid domain: {value!r}",
+        "display": f"'{field}' display name has control characters",
+    }
+    _fail(code, field, reasons[parsed])
+
+
+@functools.lru_cache(maxsize=4096)
+def _mailbox(value: str) -> Address | str:
+    """``value`` as one address, or why not ("syntax", "count", "local", "domain", "display").
+
+    Cached: the same few senders and recipients come back request after request, and the email
+    library's RFC 5322 parser is the costliest step of parsing a request.
+    """
     try:
         header = _HEADERS("to", value)
         groups = header.groups  # type: ignore[attr-defined]  # an AddressHeader for "to"
     except (HeaderParseError, IndexError, ValueError, TypeError):
-        _fail(code, field, f"'{field}' is not a valid email address: {value!r}")
+        return "syntax"
     if header.defects or len(groups) != 1 or groups[0].display_name is not None or len(groups[0].addresses) != 1:
-        _fail(code, field, f"'{field}' must hold exactly one valid email address: {value!r}")
+        return "count"
     parsed = groups[0].addresses[0]
     local, domain = parsed.username, parsed.domain
     if not local or len(local) > 64 or not _DOT_ATOM.fullmatch(local):
-        _fail(code, field, f"'{field}' has an unsupported local part (ASCII dot-atom only): {value!r}")
+        return "local"
     domain_ascii = _domain_ascii(domain)
     if domain_ascii is None or len(local) + 1 + len(domain_ascii) > 254:
-        _fail(code, field, f"'{field}' has an invalid domain: {value!r}")
+        return "domain"
     display = parsed.display_name or ""
     if _CONTROL.search(display):
-        _fail(code, field, f"'{field}' display name has control characters")
+        return "display"
     return Address(local=local, domain=domain.lower(), domain_ascii=domain_ascii, display_name=display)
 
 
