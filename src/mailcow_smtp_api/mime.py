@@ -81,6 +81,19 @@ def _set_addresses(message: EmailMessage, name: str, addresses: list[HeaderAddre
         message[name] = addresses if len(addresses) > 1 else addresses[0]
 
 
+def _set_text(part: MIMEPart, marker: str, cte: str, subtype: str, top: bool = True) -> None:
+    """Make ``part`` a UTF-8 text part holding ``marker``, the way the library's set_content would.
+
+    Its headers are stored as written (the library would parse each one it sets, and parse
+    Content-Type again to add the charset); the top-level message also gets its MIME-Version.
+    """
+    part.set_raw("Content-Type", f'text/{subtype}; charset="utf-8"')
+    part.set_raw("Content-Transfer-Encoding", cte)
+    part.set_payload(marker)
+    if top:
+        part.set_raw("MIME-Version", "1.0")
+
+
 def _text_cte(text: str) -> str:
     """7bit when the text is ASCII with short lines, else quoted-printable (readable, line-safe)."""
     if text.isascii() and max(map(len, text.split("\n"))) <= 78:
@@ -150,15 +163,15 @@ def _fill_body(message: EmailMessage, request: SendRequest, holes: _Placeholders
         return holes.text(value, cte), cte
 
     if request.body.strip():
-        body, cte = text(request.body)
-        message.set_content(body, subtype="plain", charset="utf-8", cte=cte)
+        _set_text(message, *text(request.body), "plain")
         if request.html_body.strip():
-            html, cte = text(request.html_body)
-            message.add_alternative(html, subtype="html", charset="utf-8", cte=cte)
-            _add_inline_parts(list(message.iter_parts())[-1], request.attachments, holes)
+            message.make_alternative()
+            html_part = EmailMessage(policy=message.policy)
+            _set_text(html_part, *text(request.html_body), "html", top=False)
+            message.attach(html_part)
+            _add_inline_parts(html_part, request.attachments, holes)
     else:
-        html, cte = text(request.html_body)
-        message.set_content(html, subtype="html", charset="utf-8", cte=cte)
+        _set_text(message, *text(request.html_body), "html")
         _add_inline_parts(message, request.attachments, holes)
     for attachment in request.attachments:
         if attachment.inline:
