@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import secrets
 from collections.abc import Callable, Sequence
@@ -53,6 +54,20 @@ class ReusingHeaderRegistry(HeaderRegistry):
         if made is None:
             made = self._classes[key] = super().__getitem__(name)
         return made
+
+    def __call__(self, name: str, value: str) -> BaseHeader:
+        if name.lower() in _PARSED_ONCE:
+            return self._parsed(name, value)
+        return super().__call__(name, value)
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019  (one registry for the process)
+    def _parsed(self, name: str, value: str) -> BaseHeader:
+        """A MIME header parsed once per value: the generator reads Content-Type two or three
+        times per part, parsing it each time. Header objects are never changed in place."""
+        return super().__call__(name, value)
+
+
+_PARSED_ONCE = frozenset({"content-type", "content-transfer-encoding", "content-disposition", "mime-version"})
 
 
 HEADER_REGISTRY = ReusingHeaderRegistry()
