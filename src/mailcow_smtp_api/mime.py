@@ -31,7 +31,7 @@ from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
 
-from .model import Address, Attachment, Envelope, SendRequest
+from .model import Address, Attachment, CleanPieces, Envelope, SendRequest
 
 # Generate with CRLF and re-encode anything 8-bit; header folding per RFC 5322 with RFC 2047 words.
 
@@ -150,7 +150,7 @@ class _Placeholders:
         self._bodies.append((base64.b64encode(marker), lambda: base64_blocks(content)))
         return marker
 
-    def splice(self, data: bytes) -> tuple[bytes, ...]:
+    def splice(self, data: bytes) -> CleanPieces:
         """``data`` cut at each marker's line, with the encoded body in its place."""
         found: list[tuple[int, int, Callable[[], list[bytes]]]] = []
         for marker, encode in self._bodies:
@@ -166,7 +166,7 @@ class _Placeholders:
             pieces.extend(encode())
             offset = stop
         pieces.append(data[offset:])
-        return tuple(piece for piece in pieces if piece)
+        return CleanPieces(piece for piece in pieces if piece)
 
 
 def _fill_body(message: EmailMessage, request: SendRequest, holes: _Placeholders) -> None:
@@ -242,7 +242,7 @@ def build_message_parts(
     message_id: str,
     date: datetime,
     extra_headers: tuple[tuple[str, str], ...] = (),
-) -> tuple[bytes, ...]:
+) -> CleanPieces:
     """``build_message`` as consecutive pieces, each ending with CRLF, without joining them.
 
     An attachment's base64 text is its own run of pieces (about 78 KB each), so the message never

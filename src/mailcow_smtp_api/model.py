@@ -15,6 +15,13 @@ import attrs
 MessageData: TypeAlias = bytes | tuple[bytes, ...]
 
 
+class CleanPieces(tuple[bytes, ...]):
+    """Message pieces made clean by construction: each is whole lines ending in CRLF, with no bare
+    CR or LF. The SMTP client sends them without checking each again (mime.build_message_parts)."""
+
+    __slots__ = ()
+
+
 @attrs.frozen
 class Address:
     """One mailbox address: ASCII local part, domain as the caller wrote it (Unicode allowed).

@@ -56,7 +56,7 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 
 from .errors import SmtpFailure
 from .mime import crlf_only
-from .model import Credentials, Envelope, MessageData, RecipientResult, Security, SmtpTarget, SubmitResult
+from .model import CleanPieces, Credentials, Envelope, MessageData, RecipientResult, Security, SmtpTarget, SubmitResult
 
 _T = TypeVar("_T")
 
@@ -129,6 +129,8 @@ def message_pieces(message: MessageData) -> tuple[bytes, ...]:
     Pieces from ``mime.build_message_parts`` are used as they are; anything else is joined and
     normalized, so that no bare CR or LF can hide at the seam of two pieces.
     """
+    if isinstance(message, CleanPieces):
+        return message
     if isinstance(message, bytes):
         text = normalize_line_ends(message)
         return (text,) if text else ()

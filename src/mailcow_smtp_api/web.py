@@ -37,6 +37,7 @@ log = Logger(namespace="smtpapi")
 JSON = b"application/json"
 # Bodies larger than this are parsed (JSON, base64) off the reactor thread.
 OFFLOAD_BYTES = 64 * 1024
+MEMORY_BODY = 1024 * 1024  # request bodies up to this size are buffered in memory, larger ones on disk
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -75,11 +76,19 @@ class LimitedRequest(server.Request):
         super().__init__(channel, *args, **kwargs)
 
     def gotLength(self, length: int | None) -> None:
-        """Refuse at once when the declared length is over the limit; else buffer as usual."""
+        """Refuse at once when the declared length is over the limit; else choose the buffer.
+
+        Twisted keeps bodies under 100,000 bytes in memory and opens a temporary file for larger
+        ones, which cost more CPU than the rest of a 100 KB send. Bodies declared up to
+        ``MEMORY_BODY`` stay in memory; larger or chunked ones still go to a temporary file.
+        """
         if length is not None and length > self.max_body:
             # Suppress Twisted's automatic "100 Continue": the client must not start uploading.
             self.requestHeaders.removeHeader(b"expect")
             self._refuse()
+            return
+        if length is not None and length <= MEMORY_BODY:
+            self.content = io.BytesIO()
             return
         super().gotLength(length)
 

@@ -97,3 +97,18 @@ def test_attachment_content_must_be_strict_base64(content: str) -> None:
     with pytest.raises(ApiError) as caught:
         parse_body(RequestBody(io.BytesIO(raw)), POLICY)
     assert caught.value.code == "smtp_invalid_attachment"
+
+
+def test_bodies_up_to_a_mebibyte_are_buffered_in_memory_larger_and_chunked_ones_on_disk() -> None:
+    """Twisted's own switch to a temporary file is at 100,000 bytes; ours is at MEMORY_BODY."""
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from mailcow_smtp_api.web import MEMORY_BODY, request_factory
+
+    kinds = {}
+    for length in (10, 200_000, MEMORY_BODY, MEMORY_BODY + 1, None):
+        request = request_factory(30 * MB)(DummyChannel())
+        request.gotLength(length)
+        kinds[length] = isinstance(request.content, io.BytesIO)
+        request.content.close()
+    assert kinds == {10: True, 200_000: True, MEMORY_BODY: True, MEMORY_BODY + 1: False, None: False}

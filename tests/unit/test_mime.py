@@ -13,7 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.mime import LINE_LIMIT, build_message, build_message_parts, envelope_for, longest_line, make_message_id
+from mailcow_smtp_api.mime import (
+    LINE_LIMIT,
+    build_message,
+    build_message_parts,
+    crlf_only,
+    envelope_for,
+    longest_line,
+    make_message_id,
+)
+from mailcow_smtp_api.model import CleanPieces
 from mailcow_smtp_api.validate import parse_request
 
 DATE = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
@@ -204,7 +213,9 @@ def test_attachment_pieces_hold_exact_bytes_in_76_column_lines(size: int) -> Non
     content = bytes((i * 7 + size) % 256 for i in range(size))
     req = request(attachments=[{"filename": "a.bin", "content": base64.b64encode(content).decode()}])
     parts = build_message_parts(req, message_id="<m@example.com>", date=DATE)
-    assert all(piece.endswith(b"\r\n") for piece in parts)
+    # The CleanPieces promise the SMTP client relies on: whole CRLF lines, no bare CR or LF.
+    assert isinstance(parts, CleanPieces)
+    assert all(piece.endswith(b"\r\n") and crlf_only(piece) for piece in parts)
     data = b"".join(parts)
     assert_wire_clean(data)
     parsed = message_from_bytes(data.replace(b"\r\n", b"\n"), policy=policy.default)
@@ -254,6 +265,8 @@ def test_pieces_equal_build_message_and_inline_parts_keep_their_place() -> None:
 def test_text_bodies_round_trip_through_7bit_or_quoted_printable(text: str, html: bool) -> None:
     """Whatever the text, the reader decodes it back (line ends as LF) and no wire line is over 78."""
     req = request(body="", html_body=text) if html else request(body=text)
+    parts = build_message_parts(req, message_id="<m@example.com>", date=DATE)
+    assert all(piece.endswith(b"\r\n") and crlf_only(piece) for piece in parts)  # the CleanPieces promise
     data, msg = build(req)
     assert_wire_clean(data)
     assert max(len(line) for line in data.split(b"\r\n")) <= 78
