@@ -109,11 +109,15 @@ def _set_text(part: MIMEPart, marker: str, cte: str, subtype: str, top: bool = T
         part.set_raw("MIME-Version", "1.0")
 
 
+# A line of more than 78 characters after a line break; a search only tries where a "\n" is.
+_LONG_LINE = re.compile(r"\n[^\n]{79}")
+
+
 def _text_cte(text: str) -> str:
     """7bit when the text is ASCII with short lines, else quoted-printable (readable, line-safe)."""
-    if text.isascii() and max(map(len, text.split("\n"))) <= 78:
-        return "7bit"
-    return "quoted-printable"
+    first = text.find("\n")
+    short = (first if first >= 0 else len(text)) <= 78 and _LONG_LINE.search(text) is None
+    return "7bit" if short and text.isascii() else "quoted-printable"
 
 
 def _ensure_final_newline(text: str) -> str:

@@ -274,3 +274,21 @@ def test_text_bodies_round_trip_through_7bit_or_quoted_printable(text: str, html
     assert part is not None
     expected = text.replace("\r\n", "\n").replace("\r", "\n")
     assert part.get_content() == (expected if expected.endswith("\n") else expected + "\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "cte"),
+    [
+        ("a" * 78 + "\n", "7bit"),
+        ("a" * 79 + "\n", "quoted-printable"),
+        ("short\n" + "b" * 78 + "\nend\n", "7bit"),
+        ("short\n" + "b" * 79 + "\nend\n", "quoted-printable"),
+        ("short\n" + "c" * 79, "quoted-printable"),
+        ("x\n" * 3, "7bit"),
+        ("caf\u00e9\n", "quoted-printable"),
+    ],
+)
+def test_text_goes_7bit_only_when_ascii_with_lines_of_at_most_78(text: str, cte: str) -> None:
+    """The transfer encoding of a text part follows its longest line, first and last lines included."""
+    _data, msg = build(request(body=text))
+    assert msg["Content-Transfer-Encoding"] == cte
