@@ -45,7 +45,7 @@ class Config:
     metrics_listen: str | None = None
     log_format: str = "text"
     state_db: str = "sqlite:smtpapi-state.sqlite"
-    smtp_pool_size: int = 16
+    smtp_pool_size: int = 50
     smtp_pool_max_age: float = 300.0
     smtp_max_connections: int = 50
     db_cache_ttl: float = 5.0

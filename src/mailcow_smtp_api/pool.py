@@ -95,7 +95,7 @@ class SessionPool:
         opener: SessionOpener,
         clock: Any,
         *,
-        max_idle_per_target: int = 16,
+        max_idle_per_target: int = 50,
         max_busy_per_target: int = 50,
         idle_timeout: float = 30.0,
         max_age: float = 300.0,

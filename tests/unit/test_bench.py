@@ -208,10 +208,10 @@ def test_split_clients_rejects_nothing_to_do() -> None:
 
 
 def test_plan_covers_the_issue_matrix() -> None:
-    """Sizes 1 KB/100 KB/5 MB, 1/10/100 clients and 1/50 recipients appear; --quick only shrinks limits."""
+    """Sizes 1 KB/100 KB/5 MB, 1/10/20/100 clients and 1/50 recipients appear; --quick only shrinks limits."""
     full, quick = bench.plan(False), bench.plan(True)
     assert {s.size for s in full} == {1024, 100 * 1024, 5 * 1024 * 1024}
-    assert {s.concurrency for s in full} == {1, 10, 100}
+    assert {s.concurrency for s in full} == {1, 10, 20, 100}
     assert {s.recipients for s in full} == {1, 50}
     assert [s.name for s in quick] == [s.name for s in full]
     assert len({s.name for s in full}) == len(full)
