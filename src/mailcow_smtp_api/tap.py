@@ -136,7 +136,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     from .smtp import SmtpSubmitter, TlsSettings
     from .state import StatePurger, open_state_store
     from .throttle import Throttle
-    from .web import SmtpApi, channel_factory, request_factory
+    from .web import ApiSite, SmtpApi, channel_factory, request_factory
 
     if not config.smtp_tls_verify:
         log.warn("TLS certificate verification towards postfix is OFF (--smtp-tls-no-verify): insecure")
@@ -213,7 +213,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
             lease=lease_seconds(config.smtp_timeout, config.max_recipients),
         ),
     )
-    site = Site(api.resource())
+    site = ApiSite(api.resource())
     site.requestFactory = request_factory(config.max_request_bytes)
     site.protocol = channel_factory  # type: ignore[method-assign]  # a factory callable, as twisted.web sets it
     site.displayTracebacks = False

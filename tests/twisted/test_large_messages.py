@@ -112,3 +112,4 @@ def test_bodies_up_to_a_mebibyte_are_buffered_in_memory_larger_and_chunked_ones_
         kinds[length] = isinstance(request.content, io.BytesIO)
         request.content.close()
     assert kinds == {10: True, 200_000: True, MEMORY_BODY: True, MEMORY_BODY + 1: False, None: False}
+

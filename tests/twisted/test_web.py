@@ -6,6 +6,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
+import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
@@ -140,3 +141,21 @@ class ShieldTests(SynchronousTestCase):
         outer = shield(inner)
         inner.callback("ok")
         self.assertEqual(self.successResultOf(outer), "ok")
+
+
+def test_the_send_route_gets_only_its_own_log_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twisted's access-log line is kept for every route but the send route, which logs its own."""
+    from twisted.web import server
+    from twisted.web.resource import Resource
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from mailcow_smtp_api.web import ApiSite
+
+    logged: list[bytes] = []
+    monkeypatch.setattr(server.Site, "log", lambda self, request: logged.append(request.path))
+    site = ApiSite(Resource())
+    for path in (b"/api/v1/send/email", b"/healthz", b"/api/v1/openapi.json"):
+        request = DummyRequest([])
+        request.path = path
+        site.log(request)
+    assert logged == [b"/healthz", b"/api/v1/openapi.json"]
