@@ -37,6 +37,7 @@ class Config:
     smtp_tls_verify: bool = True
     smtp_timeout: float = 30.0
     max_request_bytes: int = 30 * 1024 * 1024
+    request_timeout: float = 300.0
     max_recipients: int = 100
     max_attachments: int = 50
     trusted_proxies: tuple[str, ...] = ()
@@ -75,6 +76,7 @@ OPTION_DEFAULTS: dict[str, str | None] = {
     "smtp-tls-name": None,
     "smtp-timeout": str(_DEFAULTS.smtp_timeout),
     "max-request-bytes": str(_DEFAULTS.max_request_bytes),
+    "request-timeout": str(int(_DEFAULTS.request_timeout)),
     "max-recipients": str(_DEFAULTS.max_recipients),
     "max-attachments": str(_DEFAULTS.max_attachments),
     "trusted-proxies": "",
@@ -272,6 +274,7 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         smtp_tls_verify=not _flag(options, environ, "smtp-tls-no-verify"),
         smtp_timeout=_float(text["smtp-timeout"] or "", "smtp-timeout", 1.0, 3600.0),
         max_request_bytes=_int(text["max-request-bytes"] or "", "max-request-bytes", 1024, 1024**3),
+        request_timeout=_float(text["request-timeout"] or "", "request-timeout", 1.0, 3600.0),
         max_recipients=_int(text["max-recipients"] or "", "max-recipients", 1, 10000),
         max_attachments=_int(text["max-attachments"] or "", "max-attachments", 0, 10000),
         trusted_proxies=parse_networks(text["trusted-proxies"] or "", "trusted-proxies"),

@@ -20,6 +20,7 @@ CODES: dict[str, tuple[int, str]] = {
     "smtp_invalid_field": (400, "a field has the wrong type or an invalid value"),
     "smtp_bad_http_request": (400, "the HTTP request is malformed (Content-Length, Transfer-Encoding or request line)"),
     "smtp_request_too_large": (413, "the request body is larger than the server accepts"),
+    "smtp_request_timeout": (408, "the request did not arrive whole in time"),
     # send-api.md codes
     "smtp_invalid_from": (400, "'from' must be one valid email address"),
     "smtp_auth_required": (400, "a mailbox password is required ('password' or 'app_password')"),

@@ -35,6 +35,8 @@ _HELP = {
     "smtp-tls-name": "name postfix's certificate must carry (default: the host connected to)",
     "smtp-timeout": "seconds to wait for each SMTP step",
     "max-request-bytes": "largest request body accepted (413 above)",
+    "request-timeout": "seconds a request may take to arrive whole, from its first line to the last byte of its "
+    "body (408 after that, so a client sending a byte now and then cannot hold a connection open)",
     "max-recipients": "most recipients (to+cc+bcc) in one request",
     "max-attachments": "most attachments in one request",
     "trusted-proxies": "IPs/networks whose X-Forwarded-For is believed (e.g. mailcow's nginx); "
@@ -214,7 +216,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         ),
     )
     site = ApiSite(api.resource())
-    site.requestFactory = request_factory(config.max_request_bytes)
+    site.requestFactory = request_factory(config.max_request_bytes, config.request_timeout)
     site.protocol = channel_factory  # type: ignore[method-assign]  # a factory callable, as twisted.web sets it
     site.displayTracebacks = False
     SchemaCheck(database, reactor).setServiceParent(top)

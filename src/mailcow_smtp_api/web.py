@@ -47,7 +47,7 @@ def _json_bytes(value: Any) -> bytes:
 def _error_response(err: ApiError, request_id: str) -> bytes:
     """A complete raw HTTP response, for refusing a request before Twisted has buffered it."""
     body = _json_bytes(error_body(err, None, request_id))
-    reason = {400: b"Bad Request", 413: b"Payload Too Large"}.get(err.status, b"Error")
+    reason = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Payload Too Large"}.get(err.status, b"Error")
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
         b"X-Request-Id: %s\r\nConnection: close\r\n\r\n%s"
@@ -62,11 +62,17 @@ class LimitedRequest(server.Request):
     declared Content-Length is checked as soon as the headers are in, and a chunked or
     under-declared body is counted as it arrives; either way the client gets 413 and the
     connection closes.
+
+    The whole request, from its first line to the last byte of its body, must arrive within
+    ``deadline`` seconds, else 408 and the connection closes: twisted.web's own timeout only
+    counts idle time, so a client sending a byte now and then could hold a connection for ever.
     """
 
     max_body = 30 * 1024 * 1024
+    deadline = 300.0
     _refused = False
     _received = 0
+    _deadline_call: Any = None
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         # The API reads only JSON bodies. twisted.web would otherwise parse every urlencoded or
@@ -74,6 +80,33 @@ class LimitedRequest(server.Request):
         # and answer a malformed multipart body with a bare 400 instead of the coded 415.
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(channel, *args, **kwargs)
+        # twisted.web creates the request at its first line; the channel's callLater is the Site's
+        # reactor (a Clock in tests).
+        call_later = getattr(channel, "callLater", None)
+        if call_later is not None:
+            self._deadline_call = call_later(self.deadline, self._too_slow)
+
+    def _stop_deadline(self) -> None:
+        call, self._deadline_call = self._deadline_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """The whole request is in: the deadline no longer applies."""
+        self._stop_deadline()
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Any) -> None:
+        """The client is gone: nothing to time out."""
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _too_slow(self) -> None:
+        self._deadline_call = None
+        err = ApiError.of(
+            "smtp_request_timeout", f"the request did not arrive whole within {self.deadline:g} s (--request-timeout)"
+        )
+        self._answer_and_close(err)
 
     def gotLength(self, length: int | None) -> None:
         """Refuse at once when the declared length is over the limit; else choose the buffer.
@@ -103,11 +136,16 @@ class LimitedRequest(server.Request):
         super().handleContentChunk(data)
 
     def _refuse(self) -> None:
-        self._refused = True
-        self.content = io.BytesIO()
         err = ApiError.of(
             "smtp_request_too_large", f"the request body is larger than {self.max_body} bytes (--max-request-bytes)"
         )
+        self._answer_and_close(err)
+
+    def _answer_and_close(self, err: ApiError) -> None:
+        """Answer ``err`` at once, store nothing more, never dispatch, and close the connection."""
+        self._stop_deadline()
+        self._refused = True
+        self.content = io.BytesIO()
         transport = self.channel.transport
         if transport is None:  # the client is already gone
             return
@@ -151,9 +189,9 @@ class ApiSite(server.Site):
             super().log(request)
 
 
-def request_factory(max_body: int) -> type[LimitedRequest]:
-    """A ``LimitedRequest`` class with the operator's limit."""
-    return type("ConfiguredRequest", (LimitedRequest,), {"max_body": max_body})
+def request_factory(max_body: int, deadline: float = LimitedRequest.deadline) -> type[LimitedRequest]:
+    """A ``LimitedRequest`` class with the operator's limits."""
+    return type("ConfiguredRequest", (LimitedRequest,), {"max_body": max_body, "deadline": deadline})
 
 
 class RequestBody:

@@ -787,6 +787,58 @@ def _json_of(transport: StringTransport) -> Any:
 LIMIT = 4096
 
 
+def _deadline_channel(deadline: float) -> tuple[Shell, Any, StringTransport, Clock]:
+    """Like ``_channel``, with a --request-timeout and the Site's clock at hand."""
+    shell = Shell()
+    clock = Clock()
+    site = Site(shell.api.resource(), reactor=clock)
+    site.requestFactory = request_factory(LIMIT, deadline)
+    site.protocol = channel_factory
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return shell, channel, transport, clock
+
+
+def test_a_body_trickling_in_past_the_deadline_gets_408_and_the_connection_closes() -> None:
+    """A byte now and then keeps twisted.web's idle timer happy, but not the whole-request deadline."""
+    body = json.dumps(VALID).encode()
+    shell, channel, transport, clock = _deadline_channel(30)
+    channel.dataReceived(_head(len(body)))
+    for index in range(5):  # 5 bytes, one every 5 s: never idle for long
+        clock.advance(5)
+        channel.dataReceived(body[index : index + 1])
+    assert transport.value() == b""
+    clock.advance(5.5)
+    assert _status(transport) == 408
+    assert _json_of(transport)[0]["msg"] == "smtp_request_timeout"
+    assert transport.disconnecting
+    channel.dataReceived(body[5:])  # the rest comes too late: never dispatched
+    assert shell.sent == [] and transport.value().count(b"HTTP/1.1") == 1
+
+
+def test_headers_that_never_end_get_408_too() -> None:
+    """The deadline starts at the request line, so slow headers are cut off as well."""
+    _shell, channel, transport, clock = _deadline_channel(10)
+    channel.dataReceived(b"POST /api/v1/send/email HTTP/1.1\r\nHost: sidecar.test\r\n")
+    clock.advance(9)
+    channel.dataReceived(b"X-Slow: 1\r\n")
+    clock.advance(1.5)
+    assert _status(transport) == 408
+    assert transport.disconnecting
+
+
+def test_a_request_in_time_is_answered_and_its_deadline_is_gone() -> None:
+    """A request that arrives whole is served; passing its deadline later changes nothing."""
+    body = json.dumps(VALID).encode()
+    shell, channel, transport, clock = _deadline_channel(10)
+    channel.dataReceived(_head(len(body)) + body)
+    assert _status(transport) == 200
+    answered = transport.value()
+    clock.advance(11)
+    assert transport.value() == answered and len(shell.sent) == 1
+
+
 def test_declared_length_over_the_limit_is_413_before_any_body() -> None:
     """Content-Length over --max-request-bytes answers 413 at once, without 100 Continue, and closes."""
     shell, channel, transport = _channel(LIMIT)
