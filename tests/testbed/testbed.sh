@@ -536,6 +536,11 @@ prepare() {
   need_root
   installed || cmd_install
   mkdir -p "$DIR" "$LOG"
+  # postfix's log belongs to the postfix user: "postfix start" runs postsuper, which writes its
+  # warnings (such as the half-written file a stop mid-submission leaves in incoming/) itself
+  # while postlogd is down, as postfix; a log it cannot open turns the warning into a failed start.
+  touch "$LOG/postfix.log"
+  chown postfix "$LOG/postfix.log"
   write_tls
   write_postfix_config
   write_dovecot_config
