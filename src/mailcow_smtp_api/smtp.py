@@ -542,6 +542,11 @@ class SmtpClientProtocol(LineReceiver):
         self._waiter = None
         self._fail(SmtpFailure(kind="dropped", phase=self.phase, reason="cancelled by the caller"))
 
+    @property
+    def in_step(self) -> bool:
+        """True when every reply due for a written command has been read."""
+        return self._owed == 0 and not self._backlog
+
     # -- the calls a session makes
 
     def read_reply(self, phase: str) -> Deferred[Reply]:
@@ -733,8 +738,8 @@ class SmtpSession:
 
     @property
     def usable(self) -> bool:
-        """True while the connection is up and in step with the server."""
-        return self.protocol.failure is None and self.protocol.is_connected
+        """True while the connection is up and in step with the server (no reply still due)."""
+        return self.protocol.failure is None and self.protocol.is_connected and self.protocol.in_step
 
     async def greet(self) -> None:
         """Wait for the ``220`` greeting (RFC 5321 3.1; a ``421``/``554`` greeting refuses service)."""
@@ -826,15 +831,20 @@ class SmtpSession:
         failed = self.protocol.write_commands([mail, *rcpts, b"DATA"], "mail")
         if failed is not None:
             await failed
-        mail_reply = await self.protocol.read_reply("mail")
-        _closing(mail_reply, "mail", (), hidden)
-        results: list[RecipientResult] = []
-        for address in addresses:
-            reply = await self.protocol.read_reply("rcpt")
-            _closing(reply, "rcpt", results, hidden)
-            results.append(RecipientResult(address=address, code=reply.code, text=_redact(reply.text, hidden)))
-        data_reply = await self.protocol.read_reply("data")
-        _closing(data_reply, "data", results, hidden)
+        try:
+            mail_reply = await self.protocol.read_reply("mail")
+            _closing(mail_reply, "mail", (), hidden)
+            results: list[RecipientResult] = []
+            for address in addresses:
+                reply = await self.protocol.read_reply("rcpt")
+                _closing(reply, "rcpt", results, hidden)
+                results.append(RecipientResult(address=address, code=reply.code, text=_redact(reply.text, hidden)))
+            data_reply = await self.protocol.read_reply("data")
+            _closing(data_reply, "data", results, hidden)
+        except SmtpFailure:
+            # The server is closing (421) with replies still due: this session can never be in step again.
+            self.protocol.abort()
+            raise
         try:
             _expect(mail_reply, (250,), "mail", hidden)
             _no_recipient_accepted(results)

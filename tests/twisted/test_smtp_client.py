@@ -1004,3 +1004,18 @@ class PipeliningTests(Case):
         c.server(b"421 4.4.2 mail.test Error: timeout exceeded")
         failure = self.failure_of(c.result)
         self.assertEqual((failure.kind, failure.phase, failure.code), ("reply", "mail", 421))
+        self.assertTrue(c.transport.aborted)  # two replies were still due: never reusable
+
+    def test_a_session_with_replies_still_due_is_not_usable(self) -> None:
+        """While pipelined replies are outstanding the session is out of step; once read, usable again."""
+        c = Conversation(port=25, envelope=ONE_RCPT, open_only=True)
+        c.greet_and_ehlo(*EHLO_PIPELINING)
+        session = self.successResultOf(c.result)
+        self.assertTrue(session.usable)
+        sent = Deferred.fromCoroutine(session.send(ONE_RCPT, MESSAGE))
+        c.server(b"250 2.1.0 Ok")
+        self.assertFalse(session.usable)
+        c.server(b"250 2.1.5 Ok", b"354 go ahead")
+        c.server(b"250 2.0.0 Ok: queued as PQ3")
+        self.successResultOf(sent)
+        self.assertTrue(session.usable)
