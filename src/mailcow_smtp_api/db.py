@@ -228,7 +228,8 @@ _SQL: dict[str, dict[str, str]] = {
 # --------------------------------------------------------------------------- blocking reads
 
 
-def _query(conn: Any, sql: str, params: Mapping[str, Any] | Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+def query_rows(conn: Any, sql: str, params: Mapping[str, Any] | Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Every row ``sql`` returns on ``conn`` (a DB-API connection of either driver)."""
     cursor = conn.cursor()
     try:
         cursor.execute(sql, params)
@@ -239,12 +240,12 @@ def _query(conn: Any, sql: str, params: Mapping[str, Any] | Sequence[Any] = ()) 
 
 def fetch_grants(conn: Any, dialect: Dialect, key: LookupKey) -> tuple[Grant, ...]:
     """The sender login map's values for one key, with provenance."""
-    return grants_from_rows(_query(conn, _SQL[dialect.name]["owners"], key.params))
+    return grants_from_rows(query_rows(conn, _SQL[dialect.name]["owners"], key.params))
 
 
 def fetch_login(conn: Any, dialect: Dialect, login: str) -> tuple[Mailbox | None, Domain | None]:
     """The login's mailbox row and its domain row."""
-    rows = _query(conn, _SQL[dialect.name]["login"], {"login": login})
+    rows = query_rows(conn, _SQL[dialect.name]["login"], {"login": login})
     if not rows:
         return None, None
     username, domain, kind, attributes, active, domain_name, domain_active = rows[0]
@@ -276,9 +277,9 @@ def fetch_credentials(conn: Any, dialect: Dialect, login: str) -> LoginCredentia
     """The login's validity and password hashes (mailbox password only when mailcow itself checks it)."""
     box, dom = fetch_login(conn, dialect, login)
     problem = login_problem(login, box, dom)
-    rows = _query(conn, _SQL[dialect.name]["password"], {"login": login})
+    rows = query_rows(conn, _SQL[dialect.name]["password"], {"login": login})
     stored, authsource = (_text(rows[0][0]), str(rows[0][1] or "mailcow")) if rows else (None, "mailcow")
-    app_rows = _query(conn, _SQL[dialect.name]["app"], {"login": login})
+    app_rows = query_rows(conn, _SQL[dialect.name]["app"], {"login": login})
     apps = tuple(text for (value,) in app_rows if (text := _text(value)))
     return LoginCredentials(
         login=login,
@@ -300,14 +301,14 @@ def fetch_api_keys(conn: Any) -> list[ApiKey]:
             access=str(access or ""),
             active=int(active) == 1,
         )
-        for key, allow_from, skip, access, active in _query(conn, API_KEYS_SQL)
+        for key, allow_from, skip, access, active in query_rows(conn, API_KEYS_SQL)
     ]
 
 
 def schema_problems(conn: Any, dialect: Dialect) -> list[str]:
     """What the database lacks of ``schema.REQUIRED_COLUMNS``, one sentence each; empty when fine."""
     present: dict[str, set[str]] = {}
-    for table, column in _query(conn, _COLUMNS_SQL[dialect.name]):
+    for table, column in query_rows(conn, _COLUMNS_SQL[dialect.name]):
         present.setdefault(str(table).lower(), set()).add(str(column).lower())
     problems = []
     for table, columns in schema.REQUIRED_COLUMNS.items():
@@ -351,7 +352,9 @@ def create_sqlite_schema(path: str) -> None:
         conn.close()
 
 
-def _mysql_connect_args(url: MysqlUrl, timeout: float) -> dict[str, Any]:
+def mysql_connect_args(url: MysqlUrl, timeout: float) -> dict[str, Any]:
+    """PyMySQL's connect() arguments for ``url``: TCP or unix socket, ``timeout`` on connect, read and
+    write, and read-only sessions (a caller that writes, as the state store does, drops init_command)."""
     args: dict[str, Any] = {
         "user": url.user,
         "password": url.password,
@@ -498,7 +501,7 @@ class MailcowDatabase:
 
 
 def _select_one(conn: Any) -> None:
-    _query(conn, "SELECT 1")
+    query_rows(conn, "SELECT 1")
 
 
 def _time_out(outer: Deferred[Any], seconds: float) -> None:
@@ -551,7 +554,7 @@ def open_database(
     else:
         driver_timeout = max(1.0, timeout * 0.6)
         pool = adbapi.ConnectionPool(
-            "pymysql", cp_reconnect=True, **_mysql_connect_args(parsed, driver_timeout), **common
+            "pymysql", cp_reconnect=True, **mysql_connect_args(parsed, driver_timeout), **common
         )
         dialect = MARIADB
     return MailcowDatabase(
@@ -575,7 +578,7 @@ class DatabaseFailure(Exception):
 
 
 @contextmanager
-def _driver_errors() -> Iterator[None]:
+def driver_errors() -> Iterator[None]:
     """Turn driver exceptions into ``Conflict`` / ``DatabaseFailure`` so callers need no driver imports."""
     try:
         yield
@@ -606,27 +609,27 @@ class BlockingDatabase:
 
     def authorize_sender(self, login: str, sender: str) -> SenderDecision:
         """mailcow's decision for ``login`` sending as ``sender``."""
-        with _driver_errors():
+        with driver_errors():
             return sender_decision(self.conn, self.dialect, login, sender)
 
     def check_schema(self) -> list[str]:
         """Problems with the schema; empty when fine."""
-        with _driver_errors():
+        with driver_errors():
             return schema_problems(self.conn, self.dialect)
 
     def rows(self, table: str) -> list[dict[str, Any]]:
         """Every row of one of mailcow's tables, as dicts, in a stable order."""
         columns, order = _LISTED[table]
         cols = ", ".join(columns)
-        with _driver_errors():
-            rows = _query(self.conn, f"SELECT {cols} FROM {table} ORDER BY {order}")
+        with driver_errors():
+            rows = query_rows(self.conn, f"SELECT {cols} FROM {table} ORDER BY {order}")
         return [dict(zip(columns, row)) for row in rows]
 
     def api_keys(self) -> list[ApiKey]:
         """Every API key row, active or not."""
         sql = "SELECT api_key, allow_from, skip_ip_check, access, active FROM api ORDER BY created, api_key"
-        with _driver_errors():
-            rows = _query(self.conn, sql)
+        with driver_errors():
+            rows = query_rows(self.conn, sql)
         return [
             ApiKey(api_key=k, allow_from=a or "", skip_ip_check=int(s) == 1, access=c, active=int(x) == 1)
             for k, a, s, c, x in rows
@@ -637,8 +640,8 @@ class BlockingDatabase:
         _check_table(table)
         ci = self.dialect.collate
         sql = self.dialect.params(f"SELECT 1 FROM {table} WHERE {column}{ci} = :v LIMIT 1")
-        with _driver_errors():
-            return bool(_query(self.conn, sql, {"v": value}))
+        with driver_errors():
+            return bool(query_rows(self.conn, sql, {"v": value}))
 
     # writes (embedded database only) --------------------------------------
 
@@ -649,7 +652,7 @@ class BlockingDatabase:
     def insert_many(self, rows: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
         """Insert rows into mailcow's tables in one transaction."""
         self._require_writable()
-        with _driver_errors(), self.conn:
+        with driver_errors(), self.conn:
             for table, row in rows:
                 _check_table(table)
                 cols = ", ".join(row)
@@ -664,7 +667,7 @@ class BlockingDatabase:
         """Several deletes in one transaction; the number of rows each removed."""
         self._require_writable()
         counts = []
-        with _driver_errors(), self.conn:
+        with driver_errors(), self.conn:
             for table, where in deletions:
                 _check_table(table)
                 cond = " AND ".join(f"{c} COLLATE NOCASE = :{c}" for c in where)
@@ -698,8 +701,8 @@ def connect_blocking(url: str, *, timeout: float = 5.0) -> BlockingDatabase:
     Raises ``ValueError`` for a bad URL and ``DatabaseFailure`` when the database cannot be opened.
     """
     parsed = parse_db_url(url)
-    with _driver_errors():
+    with driver_errors():
         if isinstance(parsed, SqliteUrl):
             create_sqlite_schema(parsed.path)
             return BlockingDatabase(sqlite3.connect(parsed.path, timeout=timeout), SQLITE, parsed.redacted())
-        return BlockingDatabase(pymysql.connect(**_mysql_connect_args(parsed, timeout)), MARIADB, parsed.redacted())
+        return BlockingDatabase(pymysql.connect(**mysql_connect_args(parsed, timeout)), MARIADB, parsed.redacted())

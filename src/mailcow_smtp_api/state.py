@@ -31,10 +31,10 @@ from .db import (
     MailcowDatabase,
     MysqlUrl,
     SqliteUrl,
-    _driver_errors,
-    _mysql_connect_args,
-    _query,
+    driver_errors,
+    mysql_connect_args,
     parse_db_url,
+    query_rows,
 )
 from .errors import ApiError
 from .idempotency import Answer, Claim, Record, State
@@ -116,7 +116,7 @@ def create_table(conn: Any, dialect: Dialect) -> None:
 
 def _execute(conn: Any, dialect: Dialect, sql: str, params: dict[str, Any] | None = None) -> int:
     """Run one statement; the number of rows it changed. Driver errors become db.py's exceptions."""
-    with _driver_errors():
+    with driver_errors():
         cursor = conn.cursor()
         try:
             cursor.execute(dialect.params(sql), params or {})
@@ -144,8 +144,8 @@ def _record(row: tuple[Any, ...]) -> Record:
 
 def fetch_record(conn: Any, dialect: Dialect, scope: str, key: str) -> Record | None:
     """The row of (scope, key), or None."""
-    with _driver_errors():
-        rows = _query(conn, dialect.params(_SELECT), {"scope": scope, "key": key})
+    with driver_errors():
+        rows = query_rows(conn, dialect.params(_SELECT), {"scope": scope, "key": key})
     return _record(rows[0]) if rows else None
 
 
@@ -293,7 +293,7 @@ def open_state_store(
         )
         dialect = SQLITE
     else:
-        args = _mysql_connect_args(parsed, max(1.0, timeout * 0.6))
+        args = mysql_connect_args(parsed, max(1.0, timeout * 0.6))
         # db.py opens mailcow's database read-only; this database is the sidecar's own.
         args.pop("init_command", None)
         pool = adbapi.ConnectionPool("pymysql", cp_reconnect=True, **args, **common)
