@@ -37,7 +37,8 @@ from .model import Address, Attachment, CleanPieces, Envelope, SendRequest
 
 
 class ReusingHeaderRegistry(HeaderRegistry):
-    """The library's header registry, keeping the class it makes for each header name.
+    """The library's header registry, keeping the class it makes for each header name, and the
+    parsed MIME headers (Content-Type and its kin) for each value.
 
     ``HeaderRegistry`` creates a new class on every lookup (a ``type()`` call per header set or
     folded: about a quarter of the time a small message took to build). The classes hold no
@@ -60,7 +61,7 @@ class ReusingHeaderRegistry(HeaderRegistry):
             return self._parsed(name, value)
         return super().__call__(name, value)
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019  (one registry for the process)
+    @functools.lru_cache(maxsize=256)  # one registry lives as long as the process
     def _parsed(self, name: str, value: str) -> BaseHeader:
         """A MIME header parsed once per value: the generator reads Content-Type two or three
         times per part, parsing it each time. Header objects are never changed in place."""
