@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure a MariaDB server answers on 127.0.0.1:3306 as root without a password.
-# Uses the one that is running; otherwise installs mariadb-server (if missing) and starts a
-# private server whose data lives under /tmp/smtpapi-mariadb (it is stopped by `stop`).
+# Uses the one that is running; otherwise installs mariadb-server (if missing) and starts the
+# system's server when its data exists, else a private server whose data lives under
+# /tmp/smtpapi-mariadb (it is stopped by `stop`).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$ROOT/scripts/bootstrap.sh"
@@ -15,6 +16,13 @@ case "${1:-ensure}" in
     answers && exit 0
     apt_install mariadb-server
     answers && exit 0
+    if [ -d /var/lib/mysql/mysql ] && [ -x /usr/sbin/mariadbd ]; then
+      # The system's server is installed with its data but not running (never started here, or
+      # it died): start it on its own configuration and data, as the machine would.
+      echo "MariaDB on 127.0.0.1:3306 does not answer: starting the system's server" >&2
+      start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd || true
+      for _ in $(seq 1 150); do answers && exit 0; sleep 0.2; done
+    fi
     echo "no MariaDB on 127.0.0.1:3306: starting a private one in $DATA" >&2
     mkdir -p "$DATA"
     if [ ! -d "$DATA/db/mysql" ]; then

@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -531,19 +532,46 @@ def run_testbed_script(directory: Path, command: str, timeout: float = COMMAND_T
     return result.stdout
 
 
-def create_database() -> None:
-    """Recreate the bed's database from mailcow's schema, and its SELECT-only reader account."""
+def _root_connection() -> Any:
     try:
-        connection = pymysql.connect(host=DB_HOST, port=DB_PORT, user="root", autocommit=True, connect_timeout=5)
+        return pymysql.connect(host=DB_HOST, port=DB_PORT, user="root", autocommit=True, connect_timeout=5)
     except pymysql.MySQLError as exc:
         _fail(
             f"MariaDB does not answer on {DB_HOST}:{DB_PORT} as root without a password ({exc}); "
             "scripts/mariadb.sh ensure starts one"
         )
+
+
+def _raise_connection_limit(cursor: Any) -> None:
+    # mailcow runs MariaDB with max_connections = 500; the default 151 is too few for the bed's
+    # postfix (one connection per smtpd) and dovecot under the load tests' bursts.
+    cursor.execute("SET GLOBAL max_connections = GREATEST(@@GLOBAL.max_connections, 500)")
+
+
+def revive_shared_mariadb() -> None:
+    """Start the shared MariaDB again if it stopped answering during the session.
+
+    The server itself can crash under the load tests (MariaDB 10.11 was seen to segfault once).
+    The test that was running then fails on its own; without this every test after it would
+    fail too, hiding which one it was. A warning names the event in the session's summary.
+    """
+    try:
+        pymysql.connect(host=DB_HOST, port=DB_PORT, user="root", connect_timeout=2).close()
+        return
+    except pymysql.MySQLError:
+        pass
+    warnings.warn(f"MariaDB on {DB_HOST}:{DB_PORT} stopped answering during the session; starting it again")
+    script = SCRIPT.parent.parent.parent / "scripts" / "mariadb.sh"
+    subprocess.run(["bash", str(script), "ensure"], capture_output=True, timeout=120, check=False)
+    with _root_connection() as connection, connection.cursor() as cursor:
+        _raise_connection_limit(cursor)
+
+
+def create_database() -> None:
+    """Recreate the bed's database from mailcow's schema, and its SELECT-only reader account."""
+    connection = _root_connection()
     with connection, connection.cursor() as cursor:
-        # mailcow runs MariaDB with max_connections = 500; the default 151 is too few for the bed's
-        # postfix (one connection per smtpd) and dovecot under the load tests' bursts.
-        cursor.execute("SET GLOBAL max_connections = GREATEST(@@GLOBAL.max_connections, 500)")
+        _raise_connection_limit(cursor)
         cursor.execute(f"DROP DATABASE IF EXISTS `{DB_NAME}`")
         cursor.execute(f"CREATE DATABASE `{DB_NAME}` CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
         cursor.execute(f"USE `{DB_NAME}`")
@@ -625,6 +653,7 @@ PASSWORD = "your-mailbox-password"
 @pytest.fixture
 def clean_testbed(testbed: Testbed) -> Testbed:
     """The bed with an empty database (schema kept) and an empty sink."""
+    revive_shared_mariadb()
     testbed.reset_database()
     testbed.clear_messages()
     return testbed
