@@ -10,7 +10,6 @@ import functools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from email.errors import HeaderParseError
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -195,18 +194,19 @@ def _mailbox(value: str) -> Address | str:
     try:
         header = _HEADERS("to", value)
         groups = header.groups  # type: ignore[attr-defined]  # an AddressHeader for "to"
-    except (HeaderParseError, IndexError, ValueError, TypeError):
+        if header.defects or len(groups) != 1 or groups[0].display_name is not None or len(groups[0].addresses) != 1:
+            return "count"
+        parsed = groups[0].addresses[0]
+        local, domain, display = parsed.username, parsed.domain, parsed.display_name or ""
+    except Exception:
+        # The library's RFC 5322 parser raises more than HeaderParseError on some malformed input
+        # (":;:" gives an AttributeError from deep inside it): all of it is a malformed address.
         return "syntax"
-    if header.defects or len(groups) != 1 or groups[0].display_name is not None or len(groups[0].addresses) != 1:
-        return "count"
-    parsed = groups[0].addresses[0]
-    local, domain = parsed.username, parsed.domain
     if not local or len(local) > 64 or not _DOT_ATOM.fullmatch(local):
         return "local"
     domain_ascii = _domain_ascii(domain)
     if domain_ascii is None or len(local) + 1 + len(domain_ascii) > 254:
         return "domain"
-    display = parsed.display_name or ""
     if _CONTROL.search(display):
         return "display"
     return Address(local=local, domain=domain.lower(), domain_ascii=domain_ascii, display_name=display)
@@ -266,7 +266,7 @@ def _decoded_control(value: str) -> bool:
         return False
     try:
         decoded = str(_HEADERS("x-check", value))
-    except (HeaderParseError, IndexError, ValueError, TypeError):
+    except Exception:  # as in _mailbox: any failure of the library's parser
         return True
     return bool(_CONTROL.search(decoded.replace("\t", " ")))
 

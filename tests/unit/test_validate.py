@@ -6,6 +6,8 @@ import base64
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailcow_smtp_api.errors import ApiError
 from mailcow_smtp_api.validate import ParsePolicy, parse_address, parse_json, parse_request
@@ -280,3 +282,21 @@ def test_parse_address_rejects_encoded_word_tricks() -> None:
         parse_address("=?utf-8?q?a=0D=0ABcc:_x@evil.example?= <a@example.com>", "to", "smtp_invalid_recipient")
     parsed = parse_address("=?utf-8?q?Bob?= <bob@example.com>", "to", "smtp_invalid_recipient")
     assert parsed.wire == "bob@example.com"
+
+
+@pytest.mark.parametrize("value", [":;:", "a:;@a", ":;", "a:b@c;,:;"])
+def test_addresses_the_email_parser_chokes_on_are_invalid_not_internal_errors(value: str) -> None:
+    """The library's parser raises AttributeError on some group syntax; that is a 400, not a 500."""
+    with pytest.raises(ApiError) as caught:
+        parse_address(value, "to[0]", "smtp_invalid_recipient")
+    assert caught.value.code == "smtp_invalid_recipient"
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=st.text(alphabet=st.sampled_from(list('"<>@.,:;()\\ a=?[]\t\u00e9')), min_size=1, max_size=16))
+def test_any_address_string_is_an_address_or_a_coded_refusal(value: str) -> None:
+    """Whatever the punctuation, parsing gives an Address or ApiError, never another exception."""
+    try:
+        parse_address(value, "to[0]", "smtp_invalid_recipient")
+    except ApiError as err:
+        assert err.code == "smtp_invalid_recipient"
