@@ -33,9 +33,6 @@ from email.utils import format_datetime
 
 from .model import Address, Attachment, CleanPieces, Envelope, SendRequest
 
-# Generate with CRLF and re-encode anything 8-bit; header folding per RFC 5322 with RFC 2047 words.
-
-
 class ReusingHeaderRegistry(HeaderRegistry):
     """The library's header registry, keeping the class it makes for each header name, and the
     parsed MIME headers (Content-Type and its kin) for each value.
@@ -73,6 +70,7 @@ _PARSED_ONCE = frozenset({"content-type", "content-transfer-encoding", "content-
 
 HEADER_REGISTRY = ReusingHeaderRegistry()
 _BUILD_POLICY = email_policy.default.clone(header_factory=HEADER_REGISTRY)
+# Generate with CRLF and re-encode anything 8-bit; header folding per RFC 5322 with RFC 2047 words.
 _POLICY = email_policy.SMTP.clone(cte_type="7bit", max_line_length=78, header_factory=HEADER_REGISTRY)
 _LINE_LIMIT = 998
 

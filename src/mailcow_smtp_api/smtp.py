@@ -55,7 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from .errors import SmtpFailure
-from .mime import crlf_only
+from .mime import crlf_only, normalise_crlf
 from .model import CleanPieces, Credentials, Envelope, MessageData, RecipientResult, Security, SmtpTarget, SubmitResult
 
 _T = TypeVar("_T")
@@ -98,7 +98,6 @@ class Reply:
 
 # --------------------------------------------------------------------------- wire helpers (pure)
 
-_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 _QUEUED_AS = re.compile(r"queued as ([0-9A-Za-z]+)")
 # Envelope addresses go inside <...> on a command line: printable ASCII only, no brackets, no
 # whitespace (validation admits dot-atom local parts and A-label domains, RFC 5321 4.1.2).
@@ -116,11 +115,8 @@ def normalize_line_ends(message: bytes) -> bytes:
     RFC 5321 2.3.8 allows CR and LF only as a pair (postfix rejects or rewrites bare ones), and the
     DATA terminator is CRLF ``.`` CRLF (4.1.1.4), so the last line needs its line end.
     """
-    # Messages from mime.build_message are CRLF-only already: skip a copy of megabytes.
-    text = message if crlf_only(message) else _LINE_BREAK.sub(b"\r\n", message)
-    if text and not text.endswith(b"\r\n"):
-        text += b"\r\n"
-    return text
+    # An empty message stays empty: its DATA payload is the terminator alone.
+    return normalise_crlf(message) if message else b""
 
 
 def message_pieces(message: MessageData) -> tuple[bytes, ...]:
@@ -809,10 +805,8 @@ class SmtpSession:
         results: list[RecipientResult] = []
         for address, wire in zip(addresses, wires):
             reply = await self.protocol.command(b"RCPT TO:<" + wire + b">", "rcpt")
-            reply_text = _redact(reply.text, hidden)
-            if reply.code == 421:  # the server is closing the session (RFC 5321 3.8)
-                raise SmtpFailure(kind="reply", phase="rcpt", code=421, text=reply_text, recipients=tuple(results))
-            results.append(RecipientResult(address=address, code=reply.code, text=reply_text))
+            _closing(reply, "rcpt", results, hidden)
+            results.append(RecipientResult(address=address, code=reply.code, text=_redact(reply.text, hidden)))
         _no_recipient_accepted(results)
         _expect(await self.protocol.command(b"DATA", "data"), (354,), "data", hidden)
         return tuple(results)
