@@ -38,7 +38,7 @@ from mailcow_smtp_api.config import Config, from_options
 from mailcow_smtp_api.errors import CODES
 from mailcow_smtp_api.service import SendService
 from mailcow_smtp_api.smtp import data_payload, message_pieces, stuffed_chunks
-from mailcow_smtp_api.web import SmtpApi, channel_factory, request_factory
+from mailcow_smtp_api.web import LimitedRequest, SmtpApi, channel_factory, request_factory
 from tests.twisted.fakes import GOOD_KEY, FakeKeys, FakeSubmitter
 
 URL = "http://sidecar.test/api/v1/send/email"
@@ -751,12 +751,15 @@ def test_thousands_of_attachments_are_refused(shell: Shell, monkeypatch: pytest.
     assert decoded == [1, 1]  # the counter sees the decoding it is there to catch
 
 
-def _channel(limit: int) -> tuple[Shell, Any, StringTransport]:
-    """A twisted.web channel of a Site with the body limit, connected to an in-memory transport."""
+def _channel(
+    limit: int, deadline: float = LimitedRequest.deadline, clock: Clock | None = None
+) -> tuple[Shell, Any, StringTransport]:
+    """A twisted.web channel of a Site with the body limit (and --request-timeout), connected to an
+    in-memory transport."""
     shell = Shell()
-    # The channel's idle timeout goes on a clock of its own, never on the global reactor.
-    site = Site(shell.api.resource(), reactor=Clock())
-    site.requestFactory = request_factory(limit)
+    # The channel's timers go on a clock of their own, never on the global reactor.
+    site = Site(shell.api.resource(), reactor=clock or Clock())
+    site.requestFactory = request_factory(limit, deadline)
     site.protocol = channel_factory
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
@@ -789,14 +792,8 @@ LIMIT = 4096
 
 def _deadline_channel(deadline: float) -> tuple[Shell, Any, StringTransport, Clock]:
     """Like ``_channel``, with a --request-timeout and the Site's clock at hand."""
-    shell = Shell()
     clock = Clock()
-    site = Site(shell.api.resource(), reactor=clock)
-    site.requestFactory = request_factory(LIMIT, deadline)
-    site.protocol = channel_factory
-    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-    transport = StringTransport()
-    channel.makeConnection(transport)
+    shell, channel, transport = _channel(LIMIT, deadline, clock)
     return shell, channel, transport, clock
 
 
