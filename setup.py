@@ -24,6 +24,7 @@ setup(
         "argon2-cffi>=23.1",
         "libpass>=1.9",
         "prometheus-client>=0.20",
+        "txredisapi>=1.6",
     ],
     extras_require={
         "test": [

@@ -10,13 +10,16 @@ are passwords: port 25's password checks always read the current hash.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Protocol
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 
 from .apikeys import ApiKey, authenticate, normalise_key
 from .errors import API_AUTH_FAILED, ApiError
 from .model import LoginCredentials
+
+T = TypeVar("T")
 
 
 class Database(Protocol):
@@ -38,7 +41,7 @@ class CachedDatabase:
         self.ttl = ttl
         self.max_entries = max_entries
         self._keys: tuple[float, list[ApiKey]] | None = None
-        self._decisions: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
+        self._decisions = TtlCache(clock, ttl, max_entries)
 
     def authenticate_key(self, raw_header: str | None, client_ip: str, need_write: bool) -> Deferred[ApiKey]:
         """Like db.MailcowDatabase.authenticate_key, over cached key rows."""
@@ -73,18 +76,34 @@ class CachedDatabase:
         """The database's own readiness check."""
         return self.database.ping()
 
-    def _cached(self, key: tuple[str, str], fetch: Any) -> Deferred[Any]:
+    def _cached(self, key: tuple[str, str], fetch: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+        return self._decisions.get_or_fetch(key, fetch)
+
+
+class TtlCache:
+    """Values fetched by Deferred-returning calls, kept ``ttl`` seconds (0: never), at most ``max_entries``.
+
+    Failures are never kept; the least recently stored entry makes room first.
+    """
+
+    def __init__(self, clock: Any, ttl: float, max_entries: int) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+
+    def get_or_fetch(self, key: Hashable, fetch: Callable[[], Deferred[T]]) -> Deferred[T]:
+        """The fresh cached value of ``key``, else ``fetch()``'s result (then kept)."""
         now = self.clock.seconds()
-        hit = self._decisions.get(key)
+        hit = self._entries.get(key)
         if self.ttl > 0 and hit is not None and now - hit[0] < self.ttl:
             return succeed(hit[1])
-        d: Deferred[Any] = fetch()
-        return d.addCallback(self._remember, key, now)
+        return fetch().addCallback(self._remember, key, now)
 
-    def _remember(self, value: Any, key: tuple[str, str], fetched: float) -> Any:
+    def _remember(self, value: T, key: Hashable, fetched: float) -> T:
         if self.ttl > 0:
-            self._decisions[key] = (fetched, value)
-            self._decisions.move_to_end(key)
-            while len(self._decisions) > self.max_entries:
-                self._decisions.popitem(last=False)
+            self._entries[key] = (fetched, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
         return value

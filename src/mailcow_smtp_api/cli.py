@@ -24,10 +24,11 @@ import idna
 
 from . import db
 from .apikeys import ApiKey, normalise_key, parse_allow_from, split_allow_from
-from .config import default_db_url
+from .config import OPTION_DEFAULTS, default_db_url, env_name
 from .senders import smtp_access_granted, split_owners
 
 PROG = "smtpapi-admin"
+DEFAULT_STATE_DB = OPTION_DEFAULTS["state-db"]
 
 # What mailcow writes into mailbox.attributes for a new mailbox (the keys the sidecar and postfix
 # read, plus mailcow's usual defaults).
@@ -113,6 +114,16 @@ def blf_crypt(password: str, rounds: int = BCRYPT_ROUNDS) -> str:
     return "{BLF-CRYPT}$2y$" + hashed[4:]
 
 
+def allow_from_argument(text: str | None) -> str:
+    """An ``--allow-from`` list, checked and joined with commas; empty when not given."""
+    if text is None:
+        return ""
+    entries = split_allow_from(text)
+    if not entries or len(parse_allow_from(text)) != len(entries):
+        raise UsageError("--allow-from takes IP addresses and CIDR networks separated by commas")
+    return ",".join(entries)
+
+
 def read_password(args: argparse.Namespace, stdin: IO[str]) -> str:
     """The new mailbox password: from stdin, from --password, or typed twice at a prompt."""
     if args.password_stdin:
@@ -134,11 +145,42 @@ def read_password(args: argparse.Namespace, stdin: IO[str]) -> str:
 class Admin:
     """The commands, over one open database."""
 
-    def __init__(self, database: db.BlockingDatabase, out: IO[str], err: IO[str], stdin: IO[str]) -> None:
+    def __init__(
+        self,
+        database: db.BlockingDatabase,
+        out: IO[str],
+        err: IO[str],
+        stdin: IO[str],
+        state_url: str = "",
+        db_url: str = "",
+    ) -> None:
         self.db = database
         self.out = out
         self.err = err
         self.stdin = stdin
+        self.state_url = state_url
+        self.db_url = db_url
+        self._state: tuple[Any, db.Dialect] | None = None
+
+    def state(self) -> tuple[Any, db.Dialect]:
+        """The ``--state-db`` connection (send keys, embedded rate limits), opened on first use."""
+        if self._state is None:
+            from .keystore import create_tables
+            from .state import connect_state_blocking
+
+            try:
+                conn, dialect = connect_state_blocking(self.state_url, mailcow_db=self.db_url)
+            except ValueError as exc:
+                raise UsageError(f"--state-db: {exc}") from None
+            self._state = (conn, dialect)
+            create_tables(conn, dialect)
+        return self._state
+
+    def close(self) -> None:
+        """Close both databases."""
+        self.db.close()
+        if self._state is not None:
+            self._state[0].close()
 
     def say(self, *fields: Any) -> None:
         """One tab-separated line on stdout."""
@@ -353,12 +395,7 @@ class Admin:
     def apikey_add(self, args: argparse.Namespace) -> int:
         """Create an API key and print it once."""
         self.need_writable()
-        allow_from = ""
-        if args.allow_from is not None:
-            entries = split_allow_from(args.allow_from)
-            if not entries or len(parse_allow_from(args.allow_from)) != len(entries):
-                raise UsageError("--allow-from takes IP addresses and CIDR networks separated by commas")
-            allow_from = ",".join(entries)
+        allow_from = allow_from_argument(args.allow_from)
         key = new_api_key()
         row = {
             "api_key": key,
@@ -450,6 +487,12 @@ def _parser() -> argparse.ArgumentParser:
         help="sqlite:PATH (embedded) or mysql://USER:PASS@HOST:PORT/NAME; default: $SMTPAPI_DB, "
         "then mailcow's DBNAME/DBUSER/DBPASS/DBHOST, then sqlite:smtpapi.sqlite",
     )
+    parser.add_argument(
+        "--state-db",
+        metavar="URL",
+        help="the sidecar's own database (send keys, rate limits without Redis): sqlite:PATH or mysql://...; "
+        f"default: ${env_name('state-db')}, then {DEFAULT_STATE_DB}",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("init", help="create the embedded database's tables").set_defaults(run=Admin.init)
     commands.add_parser("check-schema", help="say what the database lacks").set_defaults(run=Admin.check_schema)
@@ -464,6 +507,9 @@ def _parser() -> argparse.ArgumentParser:
     _alias_commands(commands)
     _acl_commands(commands)
     _apikey_commands(commands)
+    from . import keyadmin  # it imports this module's Admin and errors
+
+    keyadmin.add_commands(commands, _group)
     return parser
 
 
@@ -565,16 +611,19 @@ def main(
             args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse has printed the usage message (or --help)
         return int(exit_.code or 0)
+    db_url = args.db or default_db_url(os.environ)
+    state_url = args.state_db or os.environ.get(env_name("state-db")) or str(DEFAULT_STATE_DB)
     try:
-        database = db.connect_blocking(args.db or default_db_url(os.environ))
+        database = db.connect_blocking(db_url)
     except ValueError as exc:
         stderr.write(f"{PROG}: error: --db: {exc}\n")
         return 2
     except db.DatabaseFailure as exc:
         stderr.write(f"{PROG}: cannot open the database: {exc}\n")
         return 1
+    admin = Admin(database, stdout, stderr, stdin, state_url, db_url)
     try:
-        return int(args.run(Admin(database, stdout, stderr, stdin), args))
+        return int(args.run(admin, args))
     except UsageError as exc:
         parser.print_usage(stderr)
         stderr.write(f"{PROG}: error: {exc}\n")
@@ -589,4 +638,4 @@ def main(
         stderr.write(f"{PROG}: {exc}\n")
         return 1
     finally:
-        database.close()
+        admin.close()

@@ -24,6 +24,53 @@ class ConfigError(ValueError):
 
 
 @attrs.frozen
+class RedisUrl:
+    """Where mailcow's Redis answers. The password never appears in repr."""
+
+    host: str
+    port: int = 6379
+    password: str | None = attrs.field(default=None, repr=False)
+    db: int = 0
+
+    def redacted(self) -> str:
+        """The URL with the password masked, for logs."""
+        auth = ":***@" if self.password else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{auth}{host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(value: str, option: str = "redis") -> RedisUrl:
+    """``redis://[:PASSWORD@]HOST[:PORT][/DB]`` (mailcow: ``redis://:REDISPASS@redis-mailcow:6379/0``)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(value.strip())
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ConfigError(f"--{option} must look like redis://:PASSWORD@HOST:PORT/DB")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ConfigError(f"--{option}: the port is not a number 1-65535") from None
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ConfigError(f"--{option}: the database after the host must be a number, e.g. /0")
+    password = unquote(parts.password) if parts.password is not None else None
+    return RedisUrl(host=_host(parts.hostname, option), port=port, password=password or None, db=int(path or 0))
+
+
+_PREFIX = re.compile(r"[a-z][a-z0-9_.-]{0,30}:")
+
+
+def redis_master_url(environ: Mapping[str, str], read: RedisUrl | None) -> RedisUrl | None:
+    """Where writes and PUBLISH go when mailcow's Redis is a replica (``REDIS_SLAVEOF_IP``/``_PORT``):
+    the master, with the same password and database."""
+    host = environ.get("REDIS_SLAVEOF_IP", "").strip()
+    if read is None or not host:
+        return None
+    port = _int(environ.get("REDIS_SLAVEOF_PORT", "").strip() or "6379", "redis-master", 1, 65535)
+    return attrs.evolve(read, host=_host(host, "redis-master"), port=port)
+
+
+@attrs.frozen
 class Config:
     """Validated settings of one sidecar process."""
 
@@ -51,12 +98,29 @@ class Config:
     smtp_max_connections: int = 50
     db_cache_ttl: float = 5.0
     idempotency_ttl: float = 24 * 3600.0
+    redis: RedisUrl | None = None
+    redis_master: RedisUrl | None = None
+    redis_prefix: str = "smtpapi:"
+    redis_timeout: float = 2.0
 
     @property
     def default_target(self) -> SmtpTarget:
         """Where a request that names no smtp_host/smtp_port goes."""
         target = self.allowed_target(self.smtp_host, self.smtp_port)
         return target if target is not None else SmtpTarget(self.smtp_host, self.smtp_port)
+
+    @property
+    def plain_target(self) -> SmtpTarget | None:
+        """Where a send key without a password submits: the default target if it is plain, else
+        the default host's plain port 25, else the first plain entry of --smtp-allow; None if none is."""
+        default = self.default_target
+        if default.security is Security.PLAIN:
+            return default
+        plain = [(host, port) for (host, port), mode in self.smtp_allow.items() if mode is Security.PLAIN]
+        if (self.smtp_host, 25) in plain:
+            return SmtpTarget(self.smtp_host, 25, Security.PLAIN)
+        plain.sort(key=lambda entry: (entry[0] != self.smtp_host, entry))
+        return SmtpTarget(plain[0][0], plain[0][1], Security.PLAIN) if plain else None
 
     def allowed_target(self, host: str, port: int) -> SmtpTarget | None:
         """The target for ``host:port`` with its security mode, or None when the operator does not allow it."""
@@ -90,6 +154,10 @@ OPTION_DEFAULTS: dict[str, str | None] = {
     "smtp-max-connections": str(_DEFAULTS.smtp_max_connections),
     "db-cache-ttl": str(int(_DEFAULTS.db_cache_ttl)),
     "idempotency-ttl": str(int(_DEFAULTS.idempotency_ttl)),
+    "redis": None,
+    "redis-master": None,  # None: REDIS_SLAVEOF_IP/REDIS_SLAVEOF_PORT from mailcow.conf, else --redis itself
+    "redis-prefix": _DEFAULTS.redis_prefix,
+    "redis-timeout": str(int(_DEFAULTS.redis_timeout)),
 }
 FLAGS = ("smtp-tls-no-verify",)
 
@@ -263,7 +331,24 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
     listen = (text["listen"] or "").strip()
     if not listen:
         raise ConfigError("--listen must be a Twisted endpoint description such as tcp:8080")
+    redis_text = (text["redis"] or "").strip()
+    redis = parse_redis_url(redis_text) if redis_text else None
+    redis_master: RedisUrl | None
+    if (text["redis-master"] or "").strip():
+        if redis is None:
+            raise ConfigError("--redis-master needs --redis")
+        redis_master = parse_redis_url(text["redis-master"] or "", "redis-master")
+    else:
+        redis_master = redis_master_url(environ, redis)
+    prefix = (text["redis-prefix"] or "").strip()
+    if not _PREFIX.fullmatch(prefix):
+        # Lower case keeps it apart from mailcow's own keys (RL_VALUE, F2B_*, rspamd's RL buckets).
+        raise ConfigError("--redis-prefix must be lower-case letters, digits, '_', '.', '-' ending in ':' (e.g. smtpapi:)")
     return Config(
+        redis=redis,
+        redis_master=redis_master,
+        redis_prefix=prefix,
+        redis_timeout=_float(text["redis-timeout"] or "", "redis-timeout", 0.1, 60.0),
         listen=listen,
         db=db,
         smtp_host=smtp_host,

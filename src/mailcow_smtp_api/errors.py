@@ -59,6 +59,14 @@ CODES: dict[str, tuple[int, str]] = {
     "smtp_idempotency_mismatch": (409, "this Idempotency-Key was already used with a different request body"),
     "smtp_idempotency_in_flight": (409, "a request with this Idempotency-Key is still in progress; retry shortly"),
     "smtp_idempotency_unavailable": (503, "the idempotency store cannot be reached; retry shortly"),
+    # abuse controls: mailcow's rate limits, SMTP allow lists, fail2ban; send keys
+    "smtp_rate_limited": (429, "the rate limit of this mailbox, domain or send key is reached; see Retry-After"),
+    "smtp_ratelimit_unavailable": (503, "the rate-limit source (mailcow's Redis) cannot be reached; nothing was sent"),
+    "smtp_access_denied": (403, "this mailbox may not use SMTP from the caller's address (mailcow's SMTP allow list)"),
+    "smtp_no_plain_target": (
+        403,
+        "sending with a send key and no password needs a plain (port 25) target in --smtp-allow",
+    ),
     "smtp_internal_error": (500, "an unexpected error occurred; the request id is in the log"),
     "not_found": (404, "no such route"),
     "method_not_allowed": (405, "this route does not accept that method"),
@@ -166,6 +174,8 @@ class SmtpFailure(Exception):
 
 
 _NOT_OWNED = re.compile(r"not owned by user|sender address rejected", re.IGNORECASE)
+# rspamd's soft reject for mailcow's rate limit, as postfix relays it: 451 4.7.1 Ratelimit "mailcow" exceeded
+_RATELIMIT = re.compile(r"\bratelimit\b", re.IGNORECASE)
 RETRY_AFTER_SECONDS = 60
 
 
@@ -197,6 +207,13 @@ def smtp_failure_to_api_error(f: SmtpFailure) -> ApiError:
             return ApiError.of("smtp_auth_failed", detail=detail)
         if _is_sender_mismatch(f):
             return ApiError.of("smtp_unauthorized_sender", detail=detail)
+        if f.code == 451 and any(_RATELIMIT.search(t or "") for t in [f.text, *(r.text for r in f.recipients)]):
+            return ApiError.of(
+                "smtp_rate_limited",
+                "mailcow's rate limit for this mailbox or domain is reached (postfix: 451 Ratelimit); retry later",
+                detail=detail,
+                retry_after=RETRY_AFTER_SECONDS,
+            )
         if 400 <= f.code < 500:
             return ApiError.of(
                 "smtp_error",

@@ -220,6 +220,17 @@ def document() -> dict[str, Any]:
             f"{IDEMPOTENCY_HEADER} and body: nothing was sent this time.",
         },
         "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait (409 in flight, 429, 503)."},
+        "RateLimit-Policy": {
+            "schema": {"type": "string"},
+            "description": "draft-ietf-httpapi-ratelimit-headers: each limit the message was charged to, as "
+            '"mailbox", "domain" (mailcow\'s limit) or "key" (the send key\'s own), with its quota q in '
+            'envelope recipients per window w seconds, e.g. "mailbox";q=100;w=3600. Absent when no limit applies.',
+        },
+        "RateLimit": {
+            "schema": {"type": "string"},
+            "description": "For each policy: recipients r that still fit now, and seconds t until its bucket is "
+            'empty again, e.g. "mailbox";r=57;t=1548.',
+        },
     }
     for response in error_responses.values():
         response["headers"] = send_headers
@@ -232,7 +243,16 @@ def document() -> dict[str, Any]:
             "description": "Send mail through mailcow's postfix with one HTTP call.",
         },
         "components": {
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-API-Key",
+                    "description": "A send key (smtpapi-<id>-<secret>, from smtpapi-admin sendkey add): bound to one "
+                    "mailbox, it needs no password and sends on the plain internal target after the sidecar's own "
+                    "checks. Or a mailcow read-write API key (an admin key), with the mailbox password.",
+                }
+            },
         },
         "paths": {
             "/api/v1/send/email": {

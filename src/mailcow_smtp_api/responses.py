@@ -12,9 +12,15 @@ from .errors import ApiError
 from .model import SendRequest, SubmitResult
 
 
-def request_log(request: SendRequest | None, request_id: str) -> list[Any]:
-    """mailcow's ``log`` triple: function, action, and a summary of the request without secrets."""
+def request_log(request: SendRequest | None, request_id: str, key: str = "") -> list[Any]:
+    """mailcow's ``log`` triple: function, action, and a summary of the request without secrets.
+
+    ``key`` says which kind of key authenticated the request (``api_key``, or ``send_key:<id>``),
+    never the key itself.
+    """
     summary: dict[str, Any] = {"request_id": request_id}
+    if key:
+        summary["key"] = key
     if request is not None:
         summary.update(
             {
@@ -36,14 +42,14 @@ def _recipient_rows(result: SubmitResult) -> list[dict[str, Any]]:
 
 
 def success_body(
-    request: SendRequest, result: SubmitResult, message_id: str, request_id: str
+    request: SendRequest, result: SubmitResult, message_id: str, request_id: str, key: str = ""
 ) -> list[dict[str, Any]]:
     """200 body: ``msg`` is ``["smtp_mail_sent", from, "to1, to2"]``; partial acceptance says so."""
     accepted = {r.address.lower() for r in result.accepted}
     to_sent = ", ".join(a.wire for a in request.to if a.wire.lower() in accepted)
     entry: dict[str, Any] = {
         "type": "success",
-        "log": request_log(request, request_id),
+        "log": request_log(request, request_id, key),
         "msg": ["smtp_mail_sent", request.sender.wire, to_sent],
         "message_id": message_id,
         "queue_id": result.queue_id,
@@ -61,13 +67,13 @@ def success_body(
     return [entry]
 
 
-def error_body(err: ApiError, request: SendRequest | None, request_id: str) -> Any:
+def error_body(err: ApiError, request: SendRequest | None, request_id: str, key: str = "") -> Any:
     """The body for an ``ApiError``: mailcow's bare object for key failures, else a one-item list."""
     if err.bare:
         return {"type": "error", "msg": err.message}
     entry: dict[str, Any] = {
         "type": "error",
-        "log": request_log(request, request_id),
+        "log": request_log(request, request_id, key),
         "msg": err.code,
         "message": err.message,
     }

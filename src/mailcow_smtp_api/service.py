@@ -15,9 +15,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from . import idempotency
+from .abuse import AbuseControls, no_limits, rate_limited
 from .apikeys import ip_in, parse_networks
 from .config import Config
-from .errors import ApiError, SmtpFailure, smtp_failure_to_api_error
+from .errors import API_AUTH_FAILED, ApiError, SmtpFailure, smtp_failure_to_api_error
 from .idempotency import Answer, Claim, Record, State, Verdict
 from .mime import build_message_parts, envelope_for, make_message_id
 from .model import (
@@ -29,7 +30,9 @@ from .model import (
     SmtpTarget,
     SubmitResult,
 )
+from .ratelimit import Decision
 from .responses import error_body
+from .sendkeys import SendKey, check_key, key_id_of, looks_like_send_key, parse_token
 
 log = Logger(namespace="smtpapi.service")
 
@@ -56,6 +59,25 @@ class SenderChecker(Protocol):
 
     def sender_has_owner(self, sender: str) -> Deferred[bool]:
         """Fire True when some mailbox owns ``sender`` in mailcow's sender map (a local address)."""
+
+
+class SendKeyLookup(Protocol):
+    """The sidecar's own send keys (the state database)."""
+
+    def send_key(self, key_id: str) -> Deferred[SendKey | None]:
+        """Fire with the stored key of this id, or None."""
+
+
+@attrs.frozen
+class Caller:
+    """Who authenticated a request: a mailcow API key (an admin key), or one of the sidecar's send keys."""
+
+    send_key: SendKey | None = None
+
+    @property
+    def label(self) -> str:
+        """The kind of key, for answers and logs: ``api_key`` or ``send_key:<id>``; never the key."""
+        return "api_key" if self.send_key is None else f"send_key:{self.send_key.key_id}"
 
 
 class Submitter(Protocol):
@@ -99,9 +121,11 @@ class IdempotencyStore(Protocol):
 
 @attrs.define
 class Progress:
-    """How far one send got: ``reached_smtp`` turns True just before the SMTP submission starts."""
+    """How far one send got: ``reached_smtp`` turns True just before the SMTP submission starts;
+    ``rate`` is the rate-limit decision, once one was made (for the RateLimit headers)."""
 
     reached_smtp: bool = False
+    rate: Decision | None = None
 
 
 BUILD_OFFLOAD_BYTES = 64 * 1024
@@ -137,25 +161,52 @@ class SendService:
     local_auth: LocalAuthenticator | None = None
     # Runs a callable in a worker thread; None builds every message on the calling thread.
     offload: Callable[[Callable[[], Any]], Deferred[Any]] | None = None
+    abuse: AbuseControls = attrs.Factory(no_limits)
+    send_keys: SendKeyLookup | None = None
     # --port25-no-password-from, parsed once rather than on every request.
     _internal_networks: tuple[Any, ...] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._internal_networks = parse_networks(self.config.port25_no_password_from)
 
-    async def authenticate(self, raw_key: str | None, client_ip: str) -> Any:
-        """Check the API key for a write action; count failures toward the address's throttle."""
+    async def authenticate(self, raw_key: str | None, client_ip: str) -> Caller:
+        """Check the API key or send key for a write action; count failures toward the address's
+        throttle and tell fail2ban. A banned address is refused before any database work."""
         self._refuse_if_blocked(client_ip)
+        await self.abuse.refuse_if_banned(client_ip)
+        if looks_like_send_key(raw_key):
+            return Caller(await self._send_key(raw_key, client_ip))
         try:
-            return await self.keys.authenticate_key(raw_key, client_ip, True)
+            await self.keys.authenticate_key(raw_key, client_ip, True)
         except ApiError as err:
             if err.status in (401, 403) and err.bare:
-                self.throttle.record_failure(client_ip)
+                self._failed(client_ip, "api-key")
+            raise
+        return Caller()
+
+    async def _send_key(self, raw_key: str | None, client_ip: str) -> SendKey:
+        token = parse_token(raw_key)
+        if token is None or self.send_keys is None:
+            self._failed(client_ip, key_id_of(raw_key))
+            raise ApiError.mailcow(401, API_AUTH_FAILED)
+        key_id, secret = token
+        row = await self.send_keys.send_key(key_id)
+        try:
+            return check_key(row, secret, client_ip, self.now().timestamp())
+        except ApiError:
+            self._failed(client_ip, key_id)
             raise
 
-    def password_optional(self, port: int | None, client_ip: str) -> bool:
-        """A request may omit the mailbox password only towards a plain (port 25) target, and only
-        from an address the operator listed in --port25-no-password-from."""
+    def _failed(self, client_ip: str, who: str) -> None:
+        """One failed API key, send key or mailbox login: the local throttle and netfilter count it."""
+        self.throttle.record_failure(client_ip)
+        self.abuse.report_failure(who, client_ip)
+
+    def password_optional(self, port: int | None, client_ip: str, caller: Caller | None = None) -> bool:
+        """A request may omit the mailbox password when a send key authenticated it, or towards a
+        plain (port 25) target from an address the operator listed in --port25-no-password-from."""
+        if caller is not None and caller.send_key is not None:
+            return True
         if not self._internal_caller(client_ip):
             return False
         target = self.config.allowed_target(self.config.smtp_host, port or self.config.smtp_port)
@@ -165,8 +216,18 @@ class SendService:
     def _internal_caller(self, client_ip: str) -> bool:
         return bool(self._internal_networks) and ip_in(client_ip, self._internal_networks)
 
-    def target_for(self, request: SendRequest) -> SmtpTarget:
-        """The SMTP server this request goes to, refused unless the operator allows it."""
+    def target_for(self, request: SendRequest, key: SendKey | None = None) -> SmtpTarget:
+        """The SMTP server this request goes to, refused unless the operator allows it.
+
+        A send key without a password submits on a plain target: the one the request names, else
+        the operator's plain target (see ``Config.plain_target``).
+        """
+        keyed_plain = key is not None and request.password is None
+        if keyed_plain and request.smtp_host is None and request.smtp_port is None:
+            plain = self.config.plain_target
+            if plain is None:
+                raise ApiError.of("smtp_no_plain_target")
+            return plain
         host = request.smtp_host or self.config.smtp_host
         port = request.smtp_port or self.config.smtp_port
         target = self.config.allowed_target(host, port)
@@ -176,21 +237,37 @@ class SendService:
                 f"{host}:{port} is not in this server's --smtp-allow list",
                 field="smtp_host" if request.smtp_host else "smtp_port",
             )
+        if keyed_plain and target.security is not Security.PLAIN:
+            raise ApiError.of(
+                "smtp_no_plain_target",
+                f"{target} uses {target.security.value}: a send key without a password submits only on a plain "
+                "target; leave smtp_host/smtp_port out, or give the mailbox password",
+                field="smtp_port",
+            )
         return target
 
     async def send(
-        self, request: SendRequest, client_ip: str, request_id: str = "", progress: Progress | None = None
+        self,
+        request: SendRequest,
+        client_ip: str,
+        request_id: str = "",
+        progress: Progress | None = None,
+        caller: Caller | None = None,
     ) -> SendOutcome:
         """Authorize, build and submit ``request``; fail with an ``ApiError``.
 
         The caller's ``message_id`` is used when given (it was validated), else one is made up.
         """
-        target = self.target_for(request)
+        key = caller.send_key if caller is not None else None
+        if key is not None:
+            request = _bound_to_key(request, key)
+        target = self.target_for(request, key)
         credentials: Credentials | None = None
-        if request.password is None:
+        if request.password is None and key is None:
             await self._trusted_internal(target, request, client_ip)
         else:
-            credentials = await self._credentials_for(target, request, client_ip)
+            if request.password is not None:
+                credentials = await self._credentials_for(target, request, client_ip)
             decision = await self.senders.authorize_sender(request.login, request.sender.wire)
             if not decision.allowed:
                 raise ApiError.of(
@@ -199,6 +276,8 @@ class SendService:
                     field="from",
                     detail={"reason": decision.reason},
                 )
+        envelope = envelope_for(request)
+        await self._within_limits(request, envelope, client_ip, key, progress)
         message_id = request.message_id or make_message_id(self.new_token(), request.sender)
         extra = (("X-Request-Id", request_id),) if request_id else ()
         date = self.now()
@@ -208,7 +287,6 @@ class SendService:
 
         # Building megabytes of MIME (base64 of the attachments) must not stall the reactor.
         message = await self.offload(build) if self.offload is not None and _size(request) > BUILD_OFFLOAD_BYTES else build()
-        envelope = envelope_for(request)
         if progress is not None:
             progress.reached_smtp = True
         try:
@@ -216,9 +294,20 @@ class SendService:
         except SmtpFailure as failure:
             err = smtp_failure_to_api_error(failure)
             if err.code == "smtp_auth_failed":
-                self.throttle.record_failure(client_ip)
+                self._failed(client_ip, request.login)
             raise err from None
         return SendOutcome(request=request, target=target, envelope=envelope, message_id=message_id, result=result)
+
+    async def _within_limits(
+        self, request: SendRequest, envelope: Envelope, client_ip: str, key: SendKey | None, progress: Progress | None
+    ) -> None:
+        """mailcow's SMTP allow list for the login, then the rate limits, charged in envelope recipients."""
+        await self.abuse.check_access(request.login, client_ip)
+        decision = await self.abuse.admit(request.login, envelope.sender, envelope.recipients, key)
+        if progress is not None:
+            progress.rate = decision
+        if decision is not None and not decision.admitted:
+            raise rate_limited(decision)
 
     async def _trusted_internal(self, target: SmtpTarget, request: SendRequest, client_ip: str) -> None:
         """No password: allowed only by --port25-no-password-from, and only for a local ``from``."""
@@ -245,7 +334,7 @@ class SendService:
             await self.local_auth.check_login(request.login, request.password)
         except ApiError as err:
             if err.code == "smtp_auth_failed":
-                self.throttle.record_failure(client_ip)
+                self._failed(client_ip, request.login)
             raise
         return None
 
@@ -253,6 +342,24 @@ class SendService:
         wait = self.throttle.retry_after(client_ip)
         if wait is not None:
             raise ApiError.of("smtp_too_many_failures", retry_after=wait)
+
+
+def _bound_to_key(request: SendRequest, key: SendKey) -> SendRequest:
+    """The request as the send key's login; refused when it names another login or a sender outside
+    the key's list. Without ``smtp_user`` the login is the key's, whatever ``from`` is."""
+    if request.login not in (key.login.lower(), request.sender.wire.lower()):
+        raise ApiError.of(
+            "smtp_unauthorized_sender",
+            f"this send key is bound to {key.login}; leave smtp_user out or set it to {key.login}",
+            field="smtp_user",
+        )
+    if not key.may_send_as(request.sender.wire):
+        raise ApiError.of(
+            "smtp_unauthorized_sender",
+            f"this send key may send only as {', '.join(key.senders)}",
+            field="from",
+        )
+    return attrs.evolve(request, login=key.login.lower())
 
 
 @attrs.frozen

@@ -111,10 +111,10 @@ def create_table(conn: Any, dialect: Dialect) -> None:
     """Create the idempotency table (and its index) unless it exists."""
     statements = (_MARIADB_TABLE,) if dialect is MARIADB else _SQLITE_TABLE
     for statement in statements:
-        _execute(conn, dialect, statement)
+        execute(conn, dialect, statement)
 
 
-def _execute(conn: Any, dialect: Dialect, sql: str, params: dict[str, Any] | None = None) -> int:
+def execute(conn: Any, dialect: Dialect, sql: str, params: dict[str, Any] | None = None) -> int:
     """Run one statement; the number of rows it changed. Driver errors become db.py's exceptions."""
     with driver_errors():
         cursor = conn.cursor()
@@ -166,7 +166,7 @@ def claim_key(conn: Any, dialect: Dialect, claim: Claim) -> Record | None:
     }
     for _ in range(_CLAIM_ATTEMPTS):
         try:
-            _execute(conn, dialect, _INSERT, params)
+            execute(conn, dialect, _INSERT, params)
             return None
         except Conflict:
             pass
@@ -175,7 +175,7 @@ def claim_key(conn: Any, dialect: Dialect, claim: Claim) -> Record | None:
             continue
         if not record.expired(claim.created_at):
             return record
-        _execute(conn, dialect, _DELETE_EXPIRED_KEY, {"scope": claim.scope, "key": claim.key, "now": claim.created_at})
+        execute(conn, dialect, _DELETE_EXPIRED_KEY, {"scope": claim.scope, "key": claim.key, "now": claim.created_at})
     # Claimed and released again on every attempt: others are busy with this key right now.
     raise ApiError.of("smtp_idempotency_in_flight", field="Idempotency-Key", retry_after=2)
 
@@ -191,18 +191,18 @@ def settle_key(conn: Any, dialect: Dialect, scope: str, key: str, token: str, st
         "code": answer.code,
         "body": answer.body_bytes(),
     }
-    return _execute(conn, dialect, _SETTLE, params) == 1
+    return execute(conn, dialect, _SETTLE, params) == 1
 
 
 def release_key(conn: Any, dialect: Dialect, claim: Claim) -> bool:
     """Delete the in-flight row claimed with the claim's token; False when it is gone."""
     params = {"scope": claim.scope, "key": claim.key, "token": claim.token}
-    return _execute(conn, dialect, _RELEASE, params) == 1
+    return execute(conn, dialect, _RELEASE, params) == 1
 
 
 def purge_expired(conn: Any, dialect: Dialect, now: float) -> int:
     """Delete every expired row; how many."""
-    return _execute(conn, dialect, _PURGE, {"now": now})
+    return execute(conn, dialect, _PURGE, {"now": now})
 
 
 # --------------------------------------------------------------------------- the store
@@ -283,6 +283,14 @@ def open_state_store(
     Nothing is opened here: the pool connects when the reactor runs, and the table is created by
     the first operation, so a state database that is down at start-up does not stop the service.
     """
+    runner = open_state_runner(url, reactor, mailcow_db=mailcow_db, timeout=timeout, pool_size=pool_size)
+    return IdempotencyStore(runner, runner.dialect, description=runner.description)
+
+
+def open_state_runner(
+    url: str, reactor: Any, *, mailcow_db: str | None = None, timeout: float = 5.0, pool_size: int = 3
+) -> MailcowDatabase:
+    """A pooled runner for the ``--state-db`` database (ping before use, timeout, queue bound)."""
     parsed = parse_db_url(url)
     if mailcow_db is not None and same_database(parsed, parse_db_url(mailcow_db)):
         raise ValueError("it names mailcow's database (--db); the sidecar never writes there: use a database of its own")
@@ -298,8 +306,24 @@ def open_state_store(
         args.pop("init_command", None)
         pool = adbapi.ConnectionPool("pymysql", cp_reconnect=True, **args, **common)
         dialect = MARIADB
-    runner = MailcowDatabase(pool, dialect, reactor, timeout=timeout, description=parsed.redacted())
-    return IdempotencyStore(runner, dialect, description=parsed.redacted())
+    return MailcowDatabase(pool, dialect, reactor, timeout=timeout, description=parsed.redacted())
+
+
+def connect_state_blocking(url: str, *, mailcow_db: str | None = None, timeout: float = 5.0) -> tuple[Any, Dialect]:
+    """A plain DB-API connection to the ``--state-db`` database for the admin command (autocommit)."""
+    import sqlite3
+
+    import pymysql
+
+    parsed = parse_db_url(url)
+    if mailcow_db is not None and same_database(parsed, parse_db_url(mailcow_db)):
+        raise ValueError("it names mailcow's database (--db); the sidecar never writes there: use a database of its own")
+    with driver_errors():
+        if isinstance(parsed, SqliteUrl):
+            return sqlite3.connect(parsed.path, timeout=timeout, isolation_level=None), SQLITE
+        args = mysql_connect_args(parsed, timeout)
+        args.pop("init_command", None)
+        return pymysql.connect(**args), MARIADB
 
 
 class StatePurger(Service):

@@ -58,8 +58,17 @@ _HELP = {
     "smtp-pool-max-age": "seconds a pooled session is used at most (also how long a password changed in mailcow "
     "keeps working through an open session)",
     "smtp-max-connections": "SMTP sessions in use at once per target; further sends wait for one",
-    "db-cache-ttl": "seconds API-key rows and sender decisions are cached (also the longest a revoked key or "
-    "sender right keeps working); 0 asks the database on every request; passwords are never cached",
+    "db-cache-ttl": "seconds API-key rows, send keys, sender decisions and fail2ban bans are cached (also the "
+    "longest a revoked or disabled key or a withdrawn sender right keeps working); 0 asks on every request; "
+    "passwords are never cached",
+    "redis": "mailcow's Redis, redis://:REDISPASS@redis-mailcow:6379/0: rate limits (RL_VALUE), SMTP allow lists "
+    "and fail2ban bans are read there, failed logins published on F2B_CHANNEL, and the sidecar's own buckets kept "
+    "under --redis-prefix (shared by replicas). Redis down means 503 smtp_ratelimit_unavailable. Default: none "
+    "(limits from the state database, buckets in this process, no fail2ban)",
+    "redis-master": "where Redis writes and PUBLISH go when mailcow's Redis is a replica; default: "
+    "REDIS_SLAVEOF_IP/REDIS_SLAVEOF_PORT from the environment (mailcow.conf), else --redis itself",
+    "redis-prefix": "key prefix of the sidecar's own Redis keys (its rate-limit buckets); lower case, ends in ':'",
+    "redis-timeout": "seconds to wait for each Redis answer",
 }
 
 
@@ -127,7 +136,9 @@ def _now() -> datetime:
 
 def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     """Wire the database, SMTP client, password checks, throttle, service and HTTP site into one tree."""
+    from .abuse import AbuseControls, LocalBuckets
     from .cache import CachedDatabase
+    from .keystore import KeyStore
     from .db import open_database
     from .localauth import LocalPasswordVerifier
     from .locallogin import LocalLogin
@@ -136,7 +147,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     from .idempotency import lease_seconds
     from .service import IdempotentSends, SendService
     from .smtp import SmtpSubmitter, TlsSettings
-    from .state import StatePurger, open_state_store
+    from .state import IdempotencyStore, StatePurger, open_state_runner
     from .throttle import Throttle
     from .web import ApiSite, SmtpApi, channel_factory, request_factory
 
@@ -152,11 +163,31 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     except ValueError as err:
         raise SystemExit(f"smtpapi: --db: {err}") from None
     try:
-        state = open_state_store(config.state_db, reactor, mailcow_db=config.db)
+        state_runner = open_state_runner(config.state_db, reactor, mailcow_db=config.db)
     except ValueError as err:
         raise SystemExit(f"smtpapi: --state-db: {err}") from None
+    state = IdempotencyStore(state_runner, state_runner.dialect, description=state_runner.description)
+    send_keys = KeyStore(state_runner, reactor, ttl=config.db_cache_ttl)
     top = app_service.MultiService()
     cached = CachedDatabase(database, reactor, ttl=config.db_cache_ttl)
+    ready_checks: list[tuple[str, Any]] = [("database", database.ping)]
+    if config.redis is not None:
+        from .redisio import MailcowRedis
+
+        redis = MailcowRedis(
+            reactor,
+            config.redis,
+            config.redis_master,
+            prefix=config.redis_prefix,
+            timeout=config.redis_timeout,
+            ban_cache_ttl=config.db_cache_ttl,
+        )
+        RedisService(redis).setServiceParent(top)
+        abuse = AbuseControls(limits=redis, buckets=redis, access=redis, bans=redis, reporter=redis)
+        log.info("abuse controls: mailcow's Redis at {redis}", redis=redis.description)
+    else:
+        abuse = AbuseControls(limits=send_keys, buckets=LocalBuckets(reactor))
+        log.info("abuse controls: no --redis; limits from the state database, buckets in this process only")
     StatePurger(state, reactor).setServiceParent(top)
     submitter = SmtpSubmitter(
         reactor,
@@ -194,15 +225,20 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         now=_now,
         new_token=lambda: secrets.token_hex(16),
         local_auth=LocalLogin(database, verifier),
+        abuse=abuse,
+        send_keys=send_keys,
     )
 
     def postfix_ready() -> Any:
         # Greeting, TLS (with certificate checks) and EHLO on the default target; no AUTH, no mail.
         return submitter.open_session(config.default_target, None).addCallback(lambda session: session.quit())
 
+    ready_checks += [("postfix", postfix_ready), ("state", state.ping)]
+    if config.redis is not None:
+        ready_checks.append(("redis", redis.ping))
     api = SmtpApi(
         service=send_service,
-        ready_checks=(("database", database.ping), ("postfix", postfix_ready), ("state", state.ping)),
+        ready_checks=tuple(ready_checks),
         trusted_proxies=config.trusted_proxies,
         clock=reactor.seconds,
         metrics=metrics,
@@ -252,6 +288,18 @@ class Workers(app_service.Service):
         """Stop the threads."""
         super().stopService()
         self.pool.stop()
+
+
+class RedisService(app_service.Service):
+    """Disconnects from Redis when the process stops."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+
+    def stopService(self) -> Any:
+        """Close the connections."""
+        super().stopService()
+        return self.redis.close()
 
 
 class PoolService(app_service.Service):

@@ -29,7 +29,8 @@ from .metrics import Metrics
 from .model import SendRequest
 from .openapi import document as openapi_document
 from .responses import error_body, success_body
-from .service import Completion, IdempotentSends, Progress, SendOutcome, SendService
+from .ratelimit import policy_header, ratelimit_header
+from .service import Caller, Completion, IdempotentSends, Progress, SendOutcome, SendService
 from .validate import ParsePolicy, decode_body, parse_json_text, parse_request
 
 log = Logger(namespace="smtpapi")
@@ -254,14 +255,22 @@ def shield(d: Deferred[Any]) -> Deferred[Any]:
 
 @attrs.define
 class _Run:
-    """What one send request got to: the parsed request and the SMTP outcome, for logs."""
+    """What one send request got to: who called, the parsed request, how far it went and the SMTP
+    outcome, for the answer's headers and the log line."""
 
+    caller: Caller | None = None
     parsed: SendRequest | None = None
+    progress: Progress = attrs.Factory(Progress)
     outcome: SendOutcome | None = None
 
+    @property
+    def key(self) -> str:
+        """Which kind of key authenticated the request (never the key)."""
+        return self.caller.label if self.caller is not None else ""
 
-def _error_answer(err: ApiError, parsed: SendRequest | None, request_id: str) -> Answer:
-    return Answer(err.status, err.code, error_body(err, parsed, request_id), err.retry_after)
+
+def _error_answer(err: ApiError, run: _Run, request_id: str) -> Answer:
+    return Answer(err.status, err.code, error_body(err, run.parsed, request_id, run.key), err.retry_after)
 
 
 @attrs.define
@@ -302,7 +311,7 @@ class SmtpApi:
         run = _Run()
         replayed = False
         try:
-            await self.service.authenticate(request.getHeader("x-api-key"), client_ip)
+            run.caller = await self.service.authenticate(request.getHeader("x-api-key"), client_ip)
             key = idempotency.parse_key(request.requestHeaders.getRawHeaders(b"idempotency-key"))
             body = RequestBody(request.content)
             if key is None:
@@ -310,17 +319,22 @@ class SmtpApi:
             else:
                 answer, replayed = await self._once(request, key, body, client_ip, request_id, run)
         except ApiError as err:
-            answer = _error_answer(err, run.parsed, request_id)
+            answer = _error_answer(err, run, request_id)
         except Exception:
             log.failure("unexpected error in request {request_id}", request_id=request_id)
-            answer = _error_answer(ApiError.of("smtp_internal_error"), run.parsed, request_id)
+            answer = _error_answer(ApiError.of("smtp_internal_error"), run, request_id)
         request.setResponseCode(answer.status)
         request.setHeader("Content-Type", "application/json")
         if answer.retry_after is not None:
             request.setHeader("Retry-After", str(answer.retry_after))
         if replayed:
             request.setHeader(idempotency.REPLAYED_HEADER, "true")
-        self._log_send(request_id, client_ip, run.parsed, run.outcome, answer.status, answer.code, started, replayed)
+        rate = run.progress.rate
+        if rate is not None and rate.buckets and not replayed:
+            # draft-ietf-httpapi-ratelimit-headers: the quota in recipients, what is left, when it resets.
+            request.setHeader("RateLimit-Policy", policy_header(rate.buckets))
+            request.setHeader("RateLimit", ratelimit_header(rate.buckets))
+        self._log_send(request_id, client_ip, run, answer.status, answer.code, started, replayed)
         self._count(answer.status, answer.code, answer.body, started, replayed)
         return answer.body_bytes()
 
@@ -340,19 +354,19 @@ class SmtpApi:
 
     async def _attempt(self, request: IRequest, body: RequestBody, client_ip: str, request_id: str, run: _Run) -> Completion:
         """Parse and send; every failure becomes an answer, with how far the send got."""
-        progress = Progress()
+        progress = run.progress = Progress()
         outcome_unknown = False
         try:
-            run.parsed = await self._parse_off_reactor(request, body, client_ip)
-            run.outcome = await self.service.send(run.parsed, client_ip, request_id, progress)
-            sent = success_body(run.parsed, run.outcome.result, run.outcome.message_id, request_id)
+            run.parsed = await self._parse_off_reactor(request, body, client_ip, run.caller)
+            run.outcome = await self.service.send(run.parsed, client_ip, request_id, progress, run.caller)
+            sent = success_body(run.parsed, run.outcome.result, run.outcome.message_id, request_id, run.key)
             answer = Answer(200, "smtp_partially_sent" if run.outcome.result.refused else "smtp_mail_sent", sent)
         except ApiError as err:
-            answer = _error_answer(err, run.parsed, request_id)
+            answer = _error_answer(err, run, request_id)
             outcome_unknown = bool((err.detail or {}).get("outcome_unknown"))
         except Exception:
             log.failure("unexpected error in request {request_id}", request_id=request_id)
-            answer = _error_answer(ApiError.of("smtp_internal_error"), run.parsed, request_id)
+            answer = _error_answer(ApiError.of("smtp_internal_error"), run, request_id)
         return Completion(answer, idempotency.settled_state(progress.reached_smtp, answer, outcome_unknown))
 
     def _count(self, status: int, code: str, body: Any, started: float, replayed: bool = False) -> None:
@@ -380,7 +394,9 @@ class SmtpApi:
         elif code == "smtp_db_unavailable":
             self.metrics.db_errors.inc()
 
-    async def _parse_off_reactor(self, request: IRequest, body: RequestBody, client_ip: str) -> SendRequest:
+    async def _parse_off_reactor(
+        self, request: IRequest, body: RequestBody, client_ip: str, caller: Caller | None = None
+    ) -> SendRequest:
         """Parse the body; a large one (megabytes of base64) is decoded in a worker thread."""
         content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
         if content_type != "application/json":
@@ -389,7 +405,7 @@ class SmtpApi:
         policy = ParsePolicy(
             max_recipients=self.service.config.max_recipients,
             max_attachments=self.service.config.max_attachments,
-            password_optional=lambda port: self.service.password_optional(port, client_ip),
+            password_optional=lambda port: self.service.password_optional(port, client_ip, caller),
         )
         if self.offload is not None and body.size() > OFFLOAD_BYTES:
             parsed: SendRequest = await self.offload(lambda: parse_body(body, policy))
@@ -397,21 +413,17 @@ class SmtpApi:
         return parse_body(body, policy)
 
     def _log_send(
-        self,
-        request_id: str,
-        client_ip: str,
-        parsed: SendRequest | None,
-        outcome: SendOutcome | None,
-        status: int,
-        code: str,
-        started: float,
-        replayed: bool = False,
+        self, request_id: str, client_ip: str, run: _Run, status: int, code: str, started: float, replayed: bool = False
     ) -> None:
+        outcome = run.outcome
+        # A send key's request is sent as the key's login: the outcome holds the bound request.
+        parsed = outcome.request if outcome is not None else run.parsed
         log.info(
-            "send {request_id} ip={client_ip} login={login} from={sender} rcpts={rcpts} status={status} "
+            "send {request_id} ip={client_ip} key={key} login={login} from={sender} rcpts={rcpts} status={status} "
             "code={code} queue_id={queue_id} replayed={replayed} ms={ms}",
             request_id=request_id,
             client_ip=client_ip,
+            key=run.key or "-",
             login=parsed.login if parsed else "-",
             sender=parsed.sender.wire if parsed else "-",
             rcpts=len(parsed.recipients()) if parsed else 0,

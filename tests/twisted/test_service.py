@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailcow_smtp_api.config import from_options
 from mailcow_smtp_api.errors import ApiError, SmtpFailure
-from mailcow_smtp_api.service import SendService
+from mailcow_smtp_api.service import Caller, SendService
 from mailcow_smtp_api.validate import ParsePolicy, parse_request
 
 from .fakes import GOOD_KEY, FakeKeys, FakeLocalAuth, FakeSenders, FakeSubmitter, FakeThrottle
@@ -131,9 +131,10 @@ class SendServiceTests(SynchronousTestCase):
         self.assertEqual(throttle.failures, {})
 
     def test_good_key_passes(self) -> None:
-        """The right key authenticates."""
+        """The right mailcow key authenticates, as an API key (not a send key)."""
         service, _, _, _, _ = make()
-        self.assertEqual(self.successResultOf(ensureDeferred(service.authenticate(GOOD_KEY, "192.0.2.1"))), {"api_key": GOOD_KEY})
+        caller = self.successResultOf(ensureDeferred(service.authenticate(GOOD_KEY, "192.0.2.1")))
+        self.assertEqual((caller.send_key, caller.label), (None, "api_key"))
 
 
 class Port25Tests(SynchronousTestCase):
