@@ -111,3 +111,54 @@ def test_listeners_get_a_large_backlog_unless_one_is_named() -> None:
     assert with_backlog("ssl:8443:privateKey=k.pem") == "ssl:8443:privateKey=k.pem:backlog=1024"
     assert with_backlog("tcp:8080:backlog=10") == "tcp:8080:backlog=10"
     assert with_backlog("unix:/run/smtpapi.sock") == "unix:/run/smtpapi.sock"
+
+
+def test_redis_options() -> None:
+    """--redis takes mailcow's URL; the password stays out of repr and the redacted form."""
+    config = from_options({"redis": "redis://:s3cret%2Fpw@redis-mailcow:6379/0"}, environ={})
+    assert config.redis is not None
+    assert (config.redis.host, config.redis.port, config.redis.password, config.redis.db) == (
+        "redis-mailcow", 6379, "s3cret/pw", 0
+    )
+    assert "s3cret" not in repr(config) and "s3cret" not in config.redis.redacted()
+    assert config.redis_master is None and config.redis_prefix == "smtpapi:"
+    assert from_options({}, environ={}).redis is None
+
+
+def test_redis_writes_go_to_the_master_of_a_replica() -> None:
+    """REDIS_SLAVEOF_IP/PORT (mailcow.conf) send writes and PUBLISH to the master, with the same password."""
+    environ = {"REDIS_SLAVEOF_IP": "192.0.2.50", "REDIS_SLAVEOF_PORT": "6380"}
+    config = from_options({"redis": "redis://:pw@127.0.0.1:6379/2"}, environ=environ)
+    assert config.redis_master is not None
+    assert (config.redis_master.host, config.redis_master.port, config.redis_master.password, config.redis_master.db) == (
+        "192.0.2.50", 6380, "pw", 2
+    )
+    explicit = from_options({"redis": "redis://127.0.0.1", "redis-master": "redis://10.0.0.9:7000/0"}, environ=environ)
+    assert explicit.redis_master is not None and explicit.redis_master.host == "10.0.0.9"
+    assert from_options({}, environ=environ).redis_master is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"redis": "http://redis"}, "--redis must look like"),
+        ({"redis": "redis://h:99999"}, "port"),
+        ({"redis": "redis://h/x"}, "database"),
+        ({"redis-master": "redis://h"}, "--redis-master needs --redis"),
+        ({"redis-prefix": "RL"}, "--redis-prefix"),
+        ({"redis-prefix": "F2B_:"}, "--redis-prefix"),
+        ({"redis-timeout": "0"}, "--redis-timeout"),
+    ],
+)
+def test_bad_redis_options_stop_with_a_reason(options: dict[str, str], message: str) -> None:
+    """Each bad Redis setting is a one-line ConfigError naming the option."""
+    with pytest.raises(ConfigError, match=message):
+        from_options(options, environ={})
+
+
+def test_plain_target_for_send_keys() -> None:
+    """A send key without a password goes to the default target if plain, else port 25, else a plain entry."""
+    assert from_options({}, environ={}).plain_target == SmtpTarget("postfix-mailcow", 25, Security.PLAIN)
+    named = from_options({"smtp-host": "127.0.0.1", "smtp-port": "10587", "smtp-allow": "127.0.0.1:10587,127.0.0.1:10025/plain"}, environ={})
+    assert named.plain_target == SmtpTarget("127.0.0.1", 10025, Security.PLAIN)
+    assert from_options({"smtp-port": "587", "smtp-allow": "postfix-mailcow:587"}, environ={}).plain_target is None

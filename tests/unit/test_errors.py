@@ -126,3 +126,14 @@ def test_error_body_shapes() -> None:
     assert "hunter2-secret" not in json.dumps(listed)
     bare = error_body(ApiError.mailcow(401, "authentication failed"), None, "r")
     assert bare == {"type": "error", "msg": "authentication failed"}
+
+
+def test_rspamd_ratelimit_reply_is_429_rate_limited() -> None:
+    """postfix's 451 4.7.1 Ratelimit (rspamd's soft reject) is the rate-limit answer, not a generic 503."""
+    after_data = SmtpFailure("reply", "message", 451, '4.7.1 Ratelimit "mailcow" exceeded')
+    err = smtp_failure_to_api_error(after_data)
+    assert (err.code, err.status, err.retry_after) == ("smtp_rate_limited", 429, 60)
+    at_rcpt = SmtpFailure("reply", "rcpt", 451, "4.7.1 all refused", recipients=(RecipientResult("a@b.example", 451, '4.7.1 Ratelimit "mailcow" exceeded'),))
+    assert smtp_failure_to_api_error(at_rcpt).code == "smtp_rate_limited"
+    other = SmtpFailure("reply", "message", 451, "4.3.0 try again later")
+    assert (smtp_failure_to_api_error(other).code, smtp_failure_to_api_error(other).status) == ("smtp_error", 503)

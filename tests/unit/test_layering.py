@@ -11,8 +11,8 @@ import pytest
 
 PACKAGE = Path(__file__).parents[2] / "src" / "mailcow_smtp_api"
 CORE = ("model", "errors", "validate", "mime", "senders", "config", "schema", "responses", "apikeys",
-        "throttle", "passwords", "idempotency", "openapi")
-FORBIDDEN = ("twisted", "klein", "treq", "pymysql", "sqlite3", "socket", "OpenSSL")
+        "throttle", "passwords", "idempotency", "openapi", "ratelimit", "sendkeys", "abuse")
+FORBIDDEN = ("twisted", "klein", "treq", "pymysql", "sqlite3", "socket", "OpenSSL", "txredisapi")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -31,6 +31,12 @@ def test_core_modules_do_no_io(module: str) -> None:
     """Pure core modules import neither Twisted nor a database, socket or TLS library."""
     for name in imported_modules(PACKAGE / f"{module}.py"):
         assert name.split(".")[0] not in FORBIDDEN, f"{module} imports {name}"
+
+
+def test_only_redisio_talks_to_redis() -> None:
+    """txredisapi is imported by redisio.py alone; the rest reaches Redis through its Protocols."""
+    importers = sorted(p.stem for p in PACKAGE.glob("*.py") if "txredisapi" in imported_modules(p))
+    assert importers == ["redisio"]
 
 
 def test_mypy_is_clean() -> None:
