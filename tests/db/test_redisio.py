@@ -212,3 +212,52 @@ def _ban(redis: MailcowRedis) -> Any:
     from twisted.internet.defer import ensureDeferred
 
     return ensureDeferred(redis.ban_for("192.0.2.1"))
+
+
+ALLOWED_READS = {"HMGET": ("RL_VALUE", "SMTP_ALLOW_NETS_"), "HEXISTS": ("SMTP_LIMITED_ACCESS",), "HGETALL": ("F2B_ACTIVE_BANS", "F2B_PERM_BANS")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_documented_keys_and_commands_are_used(require_redis: None) -> None:
+    """Watched with MONITOR, the adapter reads only mailcow's documented keys, writes only under its
+    prefix, and publishes only on F2B_CHANNEL: never MC_CHANNEL, never netfilter's or rspamd's keys."""
+    import subprocess
+    import time
+
+    monitor = subprocess.Popen(["redis-cli", "-h", "127.0.0.1", "-p", "6379", "monitor"], stdout=subprocess.PIPE, text=True)
+    raw = await connect()
+    redis, prefix = store()
+    try:
+        time.sleep(0.3)  # MONITOR is listening once redis-cli has connected
+        await raw[READ_DB].hset("SMTP_LIMITED_ACCESS", "user@example.org", "1")
+        await redis.limits_for("user@example.org", "example.org")
+        await redis.smtp_allowed("user@example.org", "192.0.2.1")
+        await redis.ban_for("192.0.2.1")
+        await redis.take([mailbox(5, 60)], 1)
+        await redis.publish_failure("mailcow UI: Invalid password for smtp-api:x@example.org by 192.0.2.1")
+        await redis.ping()
+        time.sleep(0.3)
+    finally:
+        monitor.terminate()
+        output, _ = monitor.communicate(timeout=10)
+        await clean(raw, redis)
+    ours = [line for line in output.splitlines() if f"[{READ_DB} " in line or f"[{WRITE_DB} " in line]
+    used: list[tuple[str, str]] = []
+    for line in ours:
+        words = [w.strip('"') for w in line.split("] ", 1)[1].split('" "')]
+        command, first = words[0].upper(), words[1] if len(words) > 1 else ""
+        if command in ("HSET", "DEL", "KEYS", "SELECT", "CLIENT", "QUIT") and not first.startswith(prefix):
+            continue  # the test's own set-up and clean-up connection
+        used.append((command, first))
+    commands = {command for command, _ in used}
+    assert {"HMGET", "HEXISTS", "HGETALL", "EVALSHA", "PUBLISH", "PING"} <= commands, used
+    for command, first in used:
+        if command in ("HMGET", "HSET", "PEXPIRE") and first.startswith(prefix):
+            continue  # the bucket script, on the sidecar's own keys
+        if command in ALLOWED_READS:
+            assert first.startswith(ALLOWED_READS[command]), (command, first)
+        elif command == "PUBLISH":
+            assert first == "F2B_CHANNEL"
+        else:
+            assert command in ("EVALSHA", "SCRIPT", "PING", "SELECT", "TIME", "INFO", "CLIENT"), (command, first)
+    assert "MC_CHANNEL" not in output
