@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).parents[2] / "src" / "mailcow_smtp_api"
 CORE = ("model", "errors", "validate", "mime", "senders", "config", "schema", "responses", "apikeys",
-        "throttle", "passwords", "idempotency", "openapi", "ratelimit", "sendkeys", "abuse")
+        "throttle", "passwords", "idempotency", "openapi", "ratelimit", "sendkeys", "abuse", "maillog")
 FORBIDDEN = ("twisted", "klein", "treq", "pymysql", "sqlite3", "socket", "OpenSSL", "txredisapi")
 
 
