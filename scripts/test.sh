@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Install everything the tests need (postfix, dovecot, MariaDB, Python packages) and run the
-# whole suite: unit, in-memory Twisted, and integration tests against a real postfix + dovecot
-# + MariaDB that the tests start on loopback. Extra arguments go to pytest.
+# Install everything the tests need (postfix, dovecot, MariaDB, Redis, Python packages) and run
+# the whole suite: unit, in-memory Twisted, and integration tests against a real postfix + dovecot
+# + MariaDB + Redis that the tests start on loopback. Extra arguments go to pytest.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$ROOT/scripts/bootstrap.sh"
 apt_install postfix postfix-mysql dovecot-core dovecot-mysql openssl curl iproute2 coreutils
 bash "$ROOT/scripts/mariadb.sh" ensure
+bash "$ROOT/scripts/redis.sh" ensure
 ensure_venv "[test]"
 cd "$ROOT"
 exec "$VENV/bin/python" -m pytest "$@"
