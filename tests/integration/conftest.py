@@ -786,3 +786,235 @@ def bed(clean_testbed: Testbed) -> Testbed:
     clean_testbed.add_mailbox(SENDER, PASSWORD)
     clean_testbed.add_api_key(API_KEY, allow_from="127.0.0.1")
     return clean_testbed
+
+
+# ------------------------------------------------------------------------------ Redis
+
+REDIS_PORT = int(os.environ.get("SMTPAPI_REDIS_PORT", "6379"))  # as scripts/redis.sh
+# The tests' own database of that server, emptied before and after each test that uses it. Never
+# database 0: the machine's Redis may hold other data there.
+REDIS_TEST_DB = 13
+REDIS_TIMEOUT = 5.0
+# The keys the tests and the service write there: mailcow's (set by the tests as mailcow's UI and
+# netfilter would) and the service's own under its prefix.
+_REDIS_TEST_KEYS = re.compile(r"RL_VALUE|SMTP_LIMITED_ACCESS|SMTP_ALLOW_NETS_.*|F2B_[A-Z_]+|smtpapi:.*")
+
+
+class RedisError(Exception):
+    """An error reply from Redis."""
+
+
+class RedisClient:
+    """A small RESP2 client over one socket: a command, then its reply; or pub/sub messages.
+
+    Enough for tests to write mailcow's keys, read the service's buckets and subscribe to
+    ``F2B_CHANNEL`` without a Redis library. Replies: str for simple strings and bulk strings,
+    int, None, list; an error reply raises ``RedisError``.
+    """
+
+    def __init__(self, db: int | None = REDIS_TEST_DB, port: int = REDIS_PORT, timeout: float = REDIS_TIMEOUT) -> None:
+        self.port = port
+        self.db = db
+        self.timeout = timeout
+        self._buffer = bytearray()
+        try:
+            self._socket = socket.create_connection((HOST, port), timeout=timeout)
+        except OSError as exc:
+            _fail(f"Redis does not answer on {HOST}:{port} ({exc}); scripts/redis.sh ensure starts one")
+        if db is not None:
+            self("SELECT", db)
+
+    @property
+    def url(self) -> str:
+        """The service's ``--redis`` value for this server and database."""
+        return f"redis://{HOST}:{self.port}/{self.db or 0}"
+
+    def __call__(self, *args: Any) -> Any:
+        """Run one command and return its reply."""
+        self.send(*args)
+        return self.reply(time.monotonic() + self.timeout)
+
+    def send(self, *args: Any) -> None:
+        """Write one command without waiting for its reply."""
+        parts = [str(arg).encode() if not isinstance(arg, bytes) else arg for arg in args]
+        data = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
+        self._socket.sendall(data)
+
+    def _line(self, deadline: float) -> bytes:
+        while (end := self._buffer.find(b"\r\n")) < 0:
+            self._fill(deadline)
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 2]
+        return line
+
+    def _exactly(self, count: int, deadline: float) -> bytes:
+        while len(self._buffer) < count + 2:
+            self._fill(deadline)
+        data = bytes(self._buffer[:count])
+        del self._buffer[: count + 2]
+        return data
+
+    def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no reply from Redis in time")
+        self._socket.settimeout(left)
+        try:
+            chunk = self._socket.recv(65536)
+        except socket.timeout:
+            raise TimeoutError("no reply from Redis in time") from None
+        if not chunk:
+            raise ConnectionError("Redis closed the connection")
+        self._buffer += chunk
+
+    def reply(self, deadline: float) -> Any:
+        """The next reply; TimeoutError at ``deadline`` (what was read so far stays buffered)."""
+        line = self._line(deadline)
+        kind, rest = line[:1], line[1:].decode()
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            raise RedisError(rest)
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            return None if int(rest) < 0 else self._exactly(int(rest), deadline).decode("utf-8", "replace")
+        if kind == b"*":
+            return None if int(rest) < 0 else [self.reply(deadline) for _ in range(int(rest))]
+        raise RedisError(f"unexpected reply {line!r}")
+
+    def hset(self, key: str, mapping: Mapping[str, Any]) -> None:
+        """Set fields of a hash."""
+        args: list[Any] = []
+        for name, value in mapping.items():
+            args += [name, value]
+        self("HSET", key, *args)
+
+    def hgetall(self, key: str) -> dict[str, str]:
+        """A hash as a dict."""
+        flat = self("HGETALL", key)
+        return dict(zip(flat[::2], flat[1::2]))
+
+    def keys(self) -> list[str]:
+        """Every key of this database, sorted (the test database is small)."""
+        return sorted(self("KEYS", "*"))
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._socket.close()
+
+
+def _empty_test_db(client: RedisClient) -> None:
+    assert client.db not in (None, 0)
+    foreign = [key for key in client.keys() if not _REDIS_TEST_KEYS.fullmatch(key)]
+    if foreign:
+        _fail(f"Redis database {client.db} on {HOST}:{client.port} holds keys the tests did not write "
+              f"({', '.join(foreign[:5])}); not emptying it")
+    client("FLUSHDB")
+
+
+@pytest.fixture
+def redis_db() -> Iterator[RedisClient]:
+    """A client on the tests' Redis database (``REDIS_TEST_DB``), empty at the start and emptied after.
+
+    Fails (never skips) when Redis does not answer; scripts/redis.sh ensure starts one.
+    """
+    client = RedisClient()
+    _empty_test_db(client)
+    try:
+        yield client
+    finally:
+        _empty_test_db(client)
+        client.close()
+
+
+@dataclass
+class F2bSubscriber:
+    """A subscriber of ``F2B_CHANNEL``, as netfilter-mailcow listens to it.
+
+    Pub/sub spans every database of a server, so other publishers' lines may arrive too: tests
+    pick theirs by content.
+    """
+
+    client: RedisClient
+    lines: list[str] = field(default_factory=list)
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 5.0) -> str:
+        """The first line (seen before or arriving within ``timeout`` s) for which ``predicate`` holds."""
+        for line in self.lines:
+            if predicate(line):
+                return line
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._next(deadline)
+            except TimeoutError:
+                _fail(f"no matching line on F2B_CHANNEL within {timeout} s; seen: {self.lines[-10:]}")
+            if predicate(line):
+                return line
+
+    def drain(self, seconds: float) -> list[str]:
+        """Every line that arrives within ``seconds`` more, added to ``lines``; all lines so far."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                self._next(deadline)
+            except TimeoutError:
+                return list(self.lines)
+
+    def _next(self, deadline: float) -> str:
+        while True:
+            message = self.client.reply(deadline)
+            if isinstance(message, list) and len(message) == 3 and message[0] == "message":
+                self.lines.append(message[2])
+                return str(message[2])
+
+
+@pytest.fixture
+def f2b_lines() -> Iterator[F2bSubscriber]:
+    """A subscriber of ``F2B_CHANNEL`` on the tests' Redis, subscribed before the test sends anything."""
+    client = RedisClient(db=None)
+    client.send("SUBSCRIBE", "F2B_CHANNEL")
+    confirmation = client.reply(time.monotonic() + REDIS_TIMEOUT)
+    assert confirmation[:2] == ["subscribe", "F2B_CHANNEL"], confirmation
+    try:
+        yield F2bSubscriber(client)
+    finally:
+        client.close()
+
+
+# ------------------------------------------------------------------------------ smtpapi-admin
+
+
+@dataclass
+class StateAdmin:
+    """``smtpapi-admin`` against the bed's database (``--db``) and a state database (``--state-db``)."""
+
+    db_url: str
+    state_url: str
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run one command; its exit status is the caller's to check."""
+        argv = [str(Path(sys.executable).parent / "smtpapi-admin"), "--db", self.db_url, "--state-db", self.state_url, *args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPAPI_")}
+        return subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False, env=env, stdin=subprocess.DEVNULL)
+
+    def ok(self, *args: str) -> str:
+        """Run one command that must succeed; its standard output."""
+        result = self.run(*args)
+        if result.returncode != 0:
+            _fail(f"smtpapi-admin {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+        return result.stdout
+
+    def add_send_key(self, login: str, *options: str) -> tuple[str, str]:
+        """A new send key for ``login``: (the key as printed once, its id)."""
+        token = self.ok("sendkey", "add", "--login", login, *options).strip()
+        match = re.fullmatch(r"smtpapi-([0-9a-f]{12})-[0-9a-f]{64}", token)
+        assert match is not None, token
+        return token, match.group(1)
+
+
+@pytest.fixture
+def state_admin(testbed: Testbed, tmp_path: Path) -> StateAdmin:
+    """``smtpapi-admin`` on the bed's database and a fresh SQLite state database in ``tmp_path``."""
+    return StateAdmin(testbed.db_url, f"sqlite:{tmp_path / 'smtpapi-state.sqlite'}")
