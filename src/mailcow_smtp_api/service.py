@@ -259,8 +259,7 @@ class SendService:
         The caller's ``message_id`` is used when given (it was validated), else one is made up.
         """
         key = caller.send_key if caller is not None else None
-        if key is not None:
-            request = _bound_to_key(request, key)
+        request = self.bind(request, caller)
         target = self.target_for(request, key)
         credentials: Credentials | None = None
         if request.password is None and key is None:
@@ -297,6 +296,12 @@ class SendService:
                 self._failed(client_ip, request.login)
             raise err from None
         return SendOutcome(request=request, target=target, envelope=envelope, message_id=message_id, result=result)
+
+    def bind(self, request: SendRequest, caller: Caller | None) -> SendRequest:
+        """The request as it is sent: with a send key, as the key's login (refused outside its scope)."""
+        if caller is None or caller.send_key is None:
+            return request
+        return _bound_to_key(request, caller.send_key)
 
     async def _within_limits(
         self, request: SendRequest, envelope: Envelope, client_ip: str, key: SendKey | None, progress: Progress | None

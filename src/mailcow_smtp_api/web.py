@@ -358,6 +358,8 @@ class SmtpApi:
         outcome_unknown = False
         try:
             run.parsed = await self._parse_off_reactor(request, body, client_ip, run.caller)
+            # Answers and logs show the request as sent: a send key's as the key's login.
+            run.parsed = self.service.bind(run.parsed, run.caller)
             run.outcome = await self.service.send(run.parsed, client_ip, request_id, progress, run.caller)
             sent = success_body(run.parsed, run.outcome.result, run.outcome.message_id, request_id, run.key)
             answer = Answer(200, "smtp_partially_sent" if run.outcome.result.refused else "smtp_mail_sent", sent)
@@ -415,9 +417,7 @@ class SmtpApi:
     def _log_send(
         self, request_id: str, client_ip: str, run: _Run, status: int, code: str, started: float, replayed: bool = False
     ) -> None:
-        outcome = run.outcome
-        # A send key's request is sent as the key's login: the outcome holds the bound request.
-        parsed = outcome.request if outcome is not None else run.parsed
+        parsed, outcome = run.parsed, run.outcome
         log.info(
             "send {request_id} ip={client_ip} key={key} login={login} from={sender} rcpts={rcpts} status={status} "
             "code={code} queue_id={queue_id} replayed={replayed} ms={ms}",

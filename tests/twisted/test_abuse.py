@@ -292,3 +292,11 @@ class AbuseWebTests(SynchronousTestCase):
         code, body, headers = self.send(password="pw1")
         self.assertEqual((code, body[0]["msg"], headers.getRawHeaders("Retry-After")), (503, "smtp_ratelimit_unavailable", ["5"]))
         self.assertEqual(self.submitter.sent, [])
+
+    def test_answer_names_the_login_the_key_sent_as(self) -> None:
+        """With a send key and no smtp_user, the answer's log shows the key's login, not the from address."""
+        token, _ = self.add_key()
+        code, body, _ = self.send(token, **{"from": "shop@example.org"})
+        self.assertEqual((code, body[0]["log"][2]["smtp_user"]), (200, "user1@example.org"))
+        code, body, _ = self.send(token, **{"from": "stranger@example.org"})
+        self.assertEqual((code, body[0]["log"][2]["smtp_user"]), (403, "user1@example.org"))
