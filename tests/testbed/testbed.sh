@@ -38,9 +38,9 @@ SUBMISSION_PORT=10587
 SMTPS_PORT=10465
 PLAIN_PORT=10025
 SINK_PORT=10026
-# Each app password of a mailbox is tried by its own passdb (see write_dovecot_config).
 # mailcow's rspamd soft-rejects mail of a mailbox over its rate limit (mailcow.md section 7).
 RATELIMITED_SENDER=ratelimited@example.com
+# Each app password of a mailbox is tried by its own passdb (see write_dovecot_config).
 APP_PASSWORD_SLOTS=4
 
 PF_ETC=$DIR/postfix          # postfix config_directory (always `postfix -c $PF_ETC`)
