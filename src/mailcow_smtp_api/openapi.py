@@ -224,6 +224,7 @@ def document() -> dict[str, Any]:
     for response in error_responses.values():
         response["headers"] = send_headers
     status_schema = {"type": "object", "properties": {"status": {"type": "string"}}}
+    id_header = {"X-Request-Id": send_headers["X-Request-Id"]}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -272,22 +273,38 @@ def document() -> dict[str, Any]:
             "/healthz": {
                 "get": {
                     "operationId": "healthz",
-                    "responses": {"200": {"description": "alive", "content": {"application/json": {"schema": status_schema}}}},
+                    "responses": {
+                        "200": {
+                            "description": "alive",
+                            "headers": id_header,
+                            "content": {"application/json": {"schema": status_schema}},
+                        }
+                    },
                 }
             },
             "/readyz": {
                 "get": {
                     "operationId": "readyz",
                     "responses": {
-                        "200": {"description": "ready", "content": {"application/json": {"schema": status_schema}}},
-                        "503": {"description": "a dependency is down", "content": {"application/json": {"schema": status_schema}}},
+                        "200": {
+                            "description": "ready",
+                            "headers": id_header,
+                            "content": {"application/json": {"schema": status_schema}},
+                        },
+                        "503": {
+                            "description": "a dependency is down",
+                            "headers": id_header,
+                            "content": {"application/json": {"schema": status_schema}},
+                        },
                     },
                 }
             },
             "/api/v1/openapi.json": {
                 "get": {
                     "operationId": "openapi",
-                    "responses": {"200": {"description": "this document", "content": {"application/json": {}}}},
+                    "responses": {
+                        "200": {"description": "this document", "headers": id_header, "content": {"application/json": {}}}
+                    },
                 }
             },
         },

@@ -216,6 +216,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         ),
     )
     site = ApiSite(api.resource())
+    site.trusted_proxies = config.trusted_proxies
     site.requestFactory = request_factory(config.max_request_bytes, config.request_timeout)
     site.protocol = channel_factory  # type: ignore[method-assign]  # a factory callable, as twisted.web sets it
     site.displayTracebacks = False
