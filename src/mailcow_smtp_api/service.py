@@ -30,6 +30,7 @@ from .model import (
     SubmitResult,
 )
 from .responses import error_body
+from .senders import not_a_mailbox
 
 log = Logger(namespace="smtpapi.service")
 
@@ -193,12 +194,7 @@ class SendService:
             credentials = await self._credentials_for(target, request, client_ip)
             decision = await self.senders.authorize_sender(request.login, request.sender.wire)
             if not decision.allowed:
-                raise ApiError.of(
-                    "smtp_unauthorized_sender",
-                    f"{request.login} may not send as {request.sender.wire}",
-                    field="from",
-                    detail={"reason": decision.reason},
-                )
+                raise sender_refused(request, decision.reason)
         message_id = request.message_id or make_message_id(self.new_token(), request.sender)
         extra = (("X-Request-Id", request_id),) if request_id else ()
         date = self.now()
@@ -214,7 +210,7 @@ class SendService:
         try:
             result = await self.submitter.submit(target, credentials, envelope, message)
         except SmtpFailure as failure:
-            err = smtp_failure_to_api_error(failure)
+            err = smtp_failure_to_api_error(failure, target.address)
             if err.code == "smtp_auth_failed":
                 self.throttle.record_failure(client_ip)
             raise err from None
@@ -253,6 +249,29 @@ class SendService:
         wait = self.throttle.retry_after(client_ip)
         if wait is not None:
             raise ApiError.of("smtp_too_many_failures", retry_after=wait)
+
+
+def sender_refused(request: SendRequest, reason: str) -> ApiError:
+    """403 smtp_unauthorized_sender, saying what to change.
+
+    A login that is no mailbox at all is mostly ``from`` standing in for a missing ``smtp_user``
+    (an alias cannot log in): the answer names that, rather than "X may not send as X".
+    """
+    if reason == not_a_mailbox(request.login):
+        if request.login == request.sender.wire.lower():
+            message = (
+                f"{request.sender.wire} is not a mailbox, so it cannot log in; without smtp_user the login is "
+                f"'from': set smtp_user to the mailbox that may send as {request.sender.wire}, with its password"
+            )
+        else:
+            message = f"smtp_user {request.login} is not a mailbox: smtp_user must be a mailbox's login"
+        return ApiError.of("smtp_unauthorized_sender", message, field="smtp_user", detail={"reason": reason})
+    return ApiError.of(
+        "smtp_unauthorized_sender",
+        f"{request.login} may not send as {request.sender.wire}",
+        field="from",
+        detail={"reason": reason},
+    )
 
 
 @attrs.frozen

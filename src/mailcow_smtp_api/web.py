@@ -30,6 +30,7 @@ from .linger import Lingering
 from .metrics import Metrics
 from .model import SendRequest
 from .openapi import document as openapi_document
+from .readiness import reason as failure_reason
 from .responses import error_body, success_body
 from .service import Completion, IdempotentSends, Progress, SendOutcome, SendService
 from .validate import ParsePolicy, decode_body, parse_json_text, parse_request
@@ -517,17 +518,19 @@ class SmtpApi:
 
     @app.route("/readyz", methods=["GET"])
     async def readyz(self, request: IRequest) -> bytes:
-        """GET /readyz: every dependency answers; 503 naming the parts that do not."""
+        """GET /readyz: every dependency answers; 503 naming the parts that do not, and why."""
         failing: list[str] = []
+        reasons: dict[str, str] = {}
         for name, check in self.ready_checks:
             try:
                 await check()
-            except Exception:
+            except Exception as exc:
                 failing.append(name)
+                reasons[name] = failure_reason(exc)
         request.setHeader("Content-Type", "application/json")
         if failing:
             request.setResponseCode(503)
-            return _json_bytes({"status": "unavailable", "failing": failing})
+            return _json_bytes({"status": "unavailable", "failing": failing, "reasons": reasons})
         return _json_bytes({"status": "ok"})
 
     @app.route("/api/v1/openapi.json", methods=["GET"])

@@ -120,7 +120,8 @@ class WebTests(SynchronousTestCase):
         self.assertEqual(self.call("GET", "http://sidecar.test/readyz")[:2], (200, {"status": "ok"}))
         self.ready[0] = False
         self.assertEqual(
-            self.call("GET", "http://sidecar.test/readyz")[:2], (503, {"status": "unavailable", "failing": ["database"]})
+            self.call("GET", "http://sidecar.test/readyz")[:2],
+            (503, {"status": "unavailable", "failing": ["database"], "reasons": {"database": "unexpected error (RuntimeError)"}}),
         )
 
 
