@@ -317,6 +317,7 @@ def test_compose_environment_gives_the_mailcow_configuration() -> None:
     assert config.db == "mysql://mailcow:TestDbPass123@mysql-mailcow:3306/mailcow"
     assert (config.smtp_host, config.smtp_port) == ("postfix-mailcow", 587)
     assert config.smtp_tls_name == "mail.example.org"
+    assert config.smtp_helo == "mail.example.org"
     assert config.smtp_tls_verify
     assert config.listen == "tcp:8080"
     assert config.trusted_proxies == ("172.22.1.0/24",)
