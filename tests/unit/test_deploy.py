@@ -259,7 +259,7 @@ def test_dockerignore_lets_through_exactly_what_the_dockerfile_copies() -> None:
     assert patterns[0] == "*"
     included = {pattern[1:].rstrip("/") for pattern in patterns if pattern.startswith("!")}
     copied = {arguments.split()[0].rstrip("/") for name, arguments in instructions if name == "COPY"}
-    assert copied == included == {"setup.py", "src"}
+    assert copied == included == {"setup.py", "constraints.txt", "src"}
     assert "src/twisted/plugins/dropin.cache" in patterns
     assert "src/*.egg-info" in patterns
 
