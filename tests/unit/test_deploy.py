@@ -151,25 +151,34 @@ def compose_environment(service: Mapping[str, Any], conf: Mapping[str, str]) -> 
     return {key: interpolate(str(value), conf) for key, value in environment.items()}
 
 
+# nginx's tokens: a quoted string (which may hold braces, semicolons and #), a comment, a word, or
+# one of the three characters that end statements and open or close blocks.
+_NGINX_TOKEN = re.compile(r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|#[^\n]*|[;{}]|[^\s;{}'"#]+""")
+
+
 def nginx_statements(text: str) -> list[tuple[int, list[str]]]:
-    """(block depth, words) of each nginx statement; comments dropped, ``{`` and ``}`` kept as words."""
-    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    """(block depth, words) of each nginx statement; comments dropped, ``{`` and ``}`` kept as words,
+    quoted strings kept whole (quotes included)."""
     statements: list[tuple[int, list[str]]] = []
+    words: list[str] = []
     depth = 0
-    for token in re.findall(r"[^;{}]+|[;{}]", code):
+    for token in _NGINX_TOKEN.findall(text):
+        if token.startswith("#"):
+            continue
         if token == ";":
-            continue
-        if token == "}":
-            depth -= 1
-            continue
-        if token == "{":
-            statements[-1][1].append("{")
+            if words:
+                statements.append((depth, words))
+            words = []
+        elif token == "{":
+            statements.append((depth, [*words, "{"]))
+            words = []
             depth += 1
-            continue
-        words = token.split()
-        if words:
-            statements.append((depth, words))
-    assert depth == 0, "unbalanced braces"
+        elif token == "}":
+            assert not words, f"statement without ';' before '}}': {words}"
+            depth -= 1
+        else:
+            words.append(token)
+    assert depth == 0 and not words, "unbalanced braces or an unfinished statement"
     return statements
 
 
