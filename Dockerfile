@@ -19,14 +19,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 
-# Only setup.py and src/ are needed (and the only paths .dockerignore lets through).
+# Only setup.py, constraints.txt (the tested versions) and src/ are needed, and the only paths
+# .dockerignore lets through.
 COPY setup.py /tmp/build/setup.py
+COPY constraints.txt /tmp/build/constraints.txt
 COPY src /tmp/build/src
 
 # Install the package and its twistd plugin dropin, then build Twisted's plugin cache once as
 # root: at run time site-packages is read-only for the service user, and twistd would otherwise
 # try (and fail) to write twisted/plugins/dropin.cache on every start.
-RUN pip install --no-cache-dir /tmp/build \
+RUN pip install --no-cache-dir --constraint /tmp/build/constraints.txt /tmp/build \
     && rm -rf /tmp/build \
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
     && python -c "from twisted.plugin import IPlugin, getPlugins; assert any(getattr(p, 'tapname', '') == 'smtpapi' for p in getPlugins(IPlugin))"

@@ -33,9 +33,11 @@ ensure_venv() {  # ensure_venv EXTRAS ("" or "[test]")
   ensure_python
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   local stamp="$VENV/.installed$1" 
-  if [ ! -e "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ]; then
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT$1" >&2
+  # constraints.txt pins the tested version of every package (README.md, "Pinned versions").
+  local pins="$ROOT/constraints.txt"
+  if [ ! -e "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ] || [ "$pins" -nt "$stamp" ]; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --constraint "$pins" --upgrade pip >&2
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --constraint "$pins" -e "$ROOT$1" >&2
     touch "$stamp"
   fi
 }

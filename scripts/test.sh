@@ -6,6 +6,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$ROOT/scripts/bootstrap.sh"
 apt_install postfix postfix-mysql dovecot-core dovecot-mysql openssl curl iproute2 coreutils
+# rspamd scores the messages the service builds as mailcow's filter would (tests/rspamd.py);
+# nginx runs the send route's snippet in mailcow's server layout (tests/integration/test_nginx.py).
+apt_install rspamd nginx
 bash "$ROOT/scripts/mariadb.sh" ensure
 bash "$ROOT/scripts/redis.sh" ensure
 ensure_venv "[test]"

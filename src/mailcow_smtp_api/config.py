@@ -102,6 +102,8 @@ class Config:
     redis_master: RedisUrl | None = None
     redis_prefix: str = "smtpapi:"
     redis_timeout: float = 2.0
+    # The EHLO name; None: the machine's fully qualified name, found when the process is wired.
+    smtp_helo: str | None = None
 
     @property
     def default_target(self) -> SmtpTarget:
@@ -158,6 +160,7 @@ OPTION_DEFAULTS: dict[str, str | None] = {
     "redis-master": None,  # None: REDIS_SLAVEOF_IP/REDIS_SLAVEOF_PORT from mailcow.conf, else --redis itself
     "redis-prefix": _DEFAULTS.redis_prefix,
     "redis-timeout": str(int(_DEFAULTS.redis_timeout)),
+    "smtp-helo": None,  # None: MAILCOW_HOSTNAME from the environment, else the machine's FQDN
 }
 FLAGS = ("smtp-tls-no-verify",)
 
@@ -295,6 +298,16 @@ def resolve_text(options: Mapping[str, object], environ: Mapping[str, str]) -> d
     return out
 
 
+def helo_name(value: str, option: str = "smtp-helo") -> str:
+    """An EHLO argument (RFC 5321 4.1.1.1): a host name, or an IP address as an address literal."""
+    value = value.strip()
+    try:
+        address = ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        return _host(value, option)
+    return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
+
+
 def _flag(options: Mapping[str, object], environ: Mapping[str, str], name: str) -> bool:
     if options.get(name):
         return True
@@ -374,4 +387,14 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         db_cache_ttl=_float(text["db-cache-ttl"] or "", "db-cache-ttl", 0.0, 300.0),
         # At least a minute (a retry must find its record), at most a year.
         idempotency_ttl=_float(text["idempotency-ttl"] or "", "idempotency-ttl", 60.0, 365 * 24 * 3600.0),
+        smtp_helo=_helo_option(text["smtp-helo"], environ),
     )
+
+
+def _helo_option(given: str | None, environ: Mapping[str, str]) -> str | None:
+    """--smtp-helo, else mailcow.conf's MAILCOW_HOSTNAME (the name postfix's certificate and DNS
+    know the server by), else None: the wiring then asks the machine for its FQDN."""
+    if given and given.strip():
+        return helo_name(given)
+    hostname = environ.get("MAILCOW_HOSTNAME", "").strip()
+    return helo_name(hostname, "smtp-helo (from MAILCOW_HOSTNAME)") if hostname else None

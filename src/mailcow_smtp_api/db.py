@@ -36,6 +36,7 @@ from . import schema
 from .apikeys import ApiKey, authenticate, normalise_key
 from .errors import API_AUTH_FAILED, ApiError
 from .model import LoginCredentials
+from .readiness import SafeReason
 from .senders import (
     Domain,
     Grant,
@@ -507,7 +508,9 @@ def _select_one(conn: Any) -> None:
 def _time_out(outer: Deferred[Any], seconds: float) -> None:
     if not outer.called:
         log.warn("database: no answer within {seconds} s", seconds=seconds)
-        outer.errback(_unavailable())
+        err = _unavailable()
+        err.__cause__ = SafeReason(f"the database did not answer within {seconds:g} s")
+        outer.errback(err)
 
 
 def _cancel_timer(result: T, timer: Any) -> T:
@@ -526,7 +529,40 @@ def _as_api_error(failure: Failure) -> Failure:
     exc = failure.value
     # Driver messages name the host, user and error number, never the password.
     log.warn("database error: {kind}: {text}", kind=type(exc).__name__, text=str(exc)[:300])
-    return Failure(_unavailable())
+    err = _unavailable()
+    err.__cause__ = SafeReason(problem_text(exc))
+    return Failure(err)
+
+
+# MariaDB's error numbers (server errors, and the client's 2xxx) -> what to check.
+_DRIVER_PROBLEMS = {
+    1044: "database access denied: the user may not use this database (check its GRANTs)",
+    1045: "database access denied: check the user and password in --db",
+    1049: "unknown database: check the database name in --db",
+    1142: "database access denied: a table is not readable by the user (check its GRANTs)",
+    1143: "database access denied: a column is not readable by the user (check its GRANTs)",
+    1146: "a table is missing (is this mailcow's database?)",
+    2002: "cannot connect to the database server's socket",
+    2003: "cannot connect to the database server",
+    2005: "the database server's host name is not found",
+    2006: "the database server closed the connection",
+    2013: "the database server closed the connection",
+}
+
+
+def problem_text(exc: BaseException | None) -> str:
+    """A database failure in words safe for an unauthenticated reader (``/readyz``): the kind of
+    trouble and what to check, without the driver's message (it names the user and the host)."""
+    number = exc.args[0] if exc is not None and exc.args and isinstance(exc.args[0], int) else None
+    if isinstance(exc, pymysql.Error) and number in _DRIVER_PROBLEMS:
+        text = _DRIVER_PROBLEMS[number]
+        if number in (2002, 2003) and "refused" in str(exc).lower():
+            text += " (connection refused)"
+        return text
+    if isinstance(exc, sqlite3.Error):
+        # SQLite's messages hold no secret ("unable to open database file", "no such table: api").
+        return f"SQLite: {exc}"
+    return f"database error ({type(exc).__name__})"
 
 
 def open_database(

@@ -23,7 +23,12 @@ CODES: dict[str, tuple[int, str]] = {
     "smtp_request_timeout": (408, "the request did not arrive whole in time"),
     # send-api.md codes
     "smtp_invalid_from": (400, "'from' must be one valid email address"),
-    "smtp_auth_required": (400, "a mailbox password is required ('password' or 'app_password')"),
+    "smtp_auth_required": (
+        400,
+        "credentials for the mailbox are required: 'password' (the mailbox's password), 'app_password' "
+        "(a mailcow app password with SMTP access), or a send key bound to the mailbox as X-API-Key "
+        "(smtpapi-admin sendkey add --login MAILBOX)",
+    ),
     "smtp_unauthorized_sender": (403, "this mailbox may not send as the 'from' address"),
     "smtp_missing_recipients": (400, "'to' must list at least one recipient"),
     "smtp_invalid_recipient": (400, "a 'to' entry is not a valid email address"),
@@ -199,9 +204,14 @@ def _is_sender_mismatch(f: SmtpFailure) -> bool:
     return any(_NOT_OWNED.search(t or "") for t in texts)
 
 
-def smtp_failure_to_api_error(f: SmtpFailure) -> ApiError:
-    """Map an SMTP failure to the API's answer (issue: 535 -> 403, sender mismatch -> 403, ...)."""
+def smtp_failure_to_api_error(f: SmtpFailure, target: str | None = None) -> ApiError:
+    """Map an SMTP failure to the API's answer (issue: 535 -> 403, sender mismatch -> 403, ...).
+
+    ``target`` (``host:port``) says in ``detail`` which server was tried.
+    """
     detail = _detail(f)
+    if target is not None:
+        detail["target"] = target
     if f.kind == "reply" and f.code is not None:
         if f.phase == "auth" and f.code >= 500:
             return ApiError.of("smtp_auth_failed", detail=detail)

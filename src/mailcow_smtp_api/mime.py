@@ -25,8 +25,6 @@ import secrets
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from email import policy as email_policy
-from email.header import Header
-from email.headerregistry import Address as HeaderAddress
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
@@ -80,19 +78,96 @@ def envelope_for(request: SendRequest) -> Envelope:
     return Envelope(sender=request.sender.wire, recipients=tuple(a.wire for a in request.recipients()))
 
 
-def _header_address(address: Address) -> HeaderAddress:
-    # Headers carry the A-label domain: without SMTPUTF8 a raw UTF-8 domain is not allowed there.
-    return HeaderAddress(display_name=address.display_name, username=address.local, domain=address.domain_ascii)
+# RFC 5322 3.2.3: what an atom may hold; a display name of such words needs no quotes.
+_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
+# A single space between two other characters: where a header may be folded (RFC 5322 2.2.3)
+# and unfolded to the same text. A run of spaces stays inside one word.
+_FOLD_POINT = re.compile(r"(?<! ) (?! )")
+# RFC 2047 5 (3): the characters a 'Q' encoded word in a phrase carries as they are.
+_Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
+_ENCODED_LINE = 76  # RFC 2047 2: a line holding encoded words is at most 76 characters
+_WORD_LIMIT = 75  # RFC 2047 2: an encoded word is at most 75 characters
+_WORD_OVERHEAD = len("=?utf-8?q??=")
 
 
-def _set_addresses(message: EmailMessage, name: str, addresses: list[HeaderAddress]) -> None:
-    """An address header. ASCII display names are written as the library formats them (quoted
-    where needed) without a parse per message; a line too long is folded by the library when the
-    message is generated. Others go through the library's header classes, which encode them."""
-    if all(address.display_name.isascii() for address in addresses):
-        message.set_raw(name, ", ".join(str(address) for address in addresses))
-    else:
-        message[name] = addresses if len(addresses) > 1 else addresses[0]
+def _q_char(char: str) -> str:
+    return "".join("_" if b == 0x20 else chr(b) if b in _Q_SAFE else f"={b:02X}" for b in char.encode("utf-8"))
+
+
+def encoded_words(text: str, first: int, rest: int = _WORD_LIMIT) -> list[str]:
+    """``text`` as RFC 2047 encoded words in UTF-8: 'Q' when that is shorter, else 'B'.
+
+    The first word is at most ``first`` characters long (it shares its line with the header's
+    name; at least one character goes into it), the others at most ``rest``. A character is never
+    split between two words (RFC 2047 5). White space is encoded inside the words, and a word
+    ends after a space where it can: readers that wrongly keep the folding white space between
+    two encoded words (Python's address parser does) then only double a space.
+    """
+    use_q = sum(len(_q_char(char)) for char in text) <= (len(text.encode("utf-8")) + 2) // 3 * 4
+
+    def size(chars: list[str]) -> int:
+        if use_q:
+            return sum(len(_q_char(char)) for char in chars)
+        return (len("".join(chars).encode("utf-8")) + 2) // 3 * 4
+
+    words: list[list[str]] = []
+    room = first - _WORD_OVERHEAD
+    current: list[str] = []
+    for char in text:
+        while current and size([*current, char]) > room:
+            space = max((i for i, c in enumerate(current) if c == " "), default=-1)
+            cut = space + 1 if 0 < space + 1 < len(current) else len(current)
+            words.append(current[:cut])
+            current, room = current[cut:], rest - _WORD_OVERHEAD
+        current.append(char)
+    words.append(current)
+    if use_q:
+        return ["=?utf-8?q?" + "".join(map(_q_char, word)) + "?=" for word in words]
+    return ["=?utf-8?b?" + base64.b64encode("".join(word).encode("utf-8")).decode("ascii") + "?=" for word in words]
+
+
+def _phrase(display_name: str, first: int) -> list[str]:
+    """A display name as the words of an RFC 5322 phrase: atoms as they are, else one quoted
+    string (cut at its single spaces, where folding keeps it intact), else encoded words."""
+    if not display_name.isascii():
+        return encoded_words(display_name, first)
+    words = display_name.split(" ")
+    if all(_ATOM.fullmatch(word) for word in words):
+        return words
+    quoted = '"' + display_name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return _FOLD_POINT.split(quoted)
+
+
+def address_header(name: str, addresses: Sequence[Address]) -> bytes:
+    """``Name: addr, addr`` folded between words at 76 columns, each line CRLF-terminated.
+
+    The first word is always on the header's own line: folding right after the colon leaves the
+    first line empty, which rspamd scores (HEADER_FROM_EMPTY_DELIMITER and its kin, 1.0 each).
+    Headers carry the A-label domain: without SMTPUTF8 a raw UTF-8 domain is not allowed there.
+    """
+    words: list[str] = []
+    for index, address in enumerate(addresses):
+        spec = f"{address.local}@{address.domain_ascii}"
+        first = _ENCODED_LINE - len(name) - 2 if index == 0 else _WORD_LIMIT
+        part = [*_phrase(address.display_name, first), f"<{spec}>"] if address.display_name else [spec]
+        if index < len(addresses) - 1:
+            part[-1] += ","
+        words.extend(part)
+    return fold_items(name, tuple(words), " ", width=_ENCODED_LINE)
+
+
+def text_header(name: str, value: str) -> bytes:
+    """Free text ``Name: value`` (RFC 5322 unstructured), folded, never with an empty first line.
+
+    ASCII is folded at its spaces and never encoded (rspamd scores needless encoded words,
+    SUBJ_EXCESS_QP and SUBJ_EXCESS_BASE64); only a word too long for any line, or non-ASCII
+    text, goes out as RFC 2047 encoded words.
+    """
+    if value.isascii():
+        folded = fold_items(name, tuple(word for word in _FOLD_POINT.split(value) if word), " ")
+        if longest_line(folded) <= _LINE_LIMIT:
+            return folded
+    return encode_text_header(name, value)
 
 
 def _set_text(part: MIMEPart, marker: str, cte: str, subtype: str, top: bool = True) -> None:
@@ -109,14 +184,48 @@ def _set_text(part: MIMEPart, marker: str, cte: str, subtype: str, top: bool = T
 
 
 # A line of more than 78 characters after a line break; a search only tries where a "\n" is.
-_LONG_LINE = re.compile(r"\n[^\n]{79}")
+_LONG_LINE = re.compile(rb"\n[^\n]{79}")
+# White space at a line's end, which a transport may strip from a 7bit line.
+_TRAILING_SPACE = re.compile(rb"[ \t](?:\n|\Z)")
+_HIGH_BYTES = bytes(range(128, 256))
+BASE64_SAVING = 1024
+
+
+def transfer_encoding(data: bytes) -> str:
+    """How a text part is sent whose bytes (LF line ends) are ``data``: 7bit, quoted-printable or base64.
+
+    7bit when it is ASCII with lines of at most 78 characters and no white space at a line's
+    end; else quoted-printable, which keeps it readable with short lines. base64 only when the
+    content is mostly non-ASCII and base64 is clearly shorter than quoted-printable (by a third,
+    and by at least ``BASE64_SAVING`` bytes): rspamd scores any base64 text part
+    (MIME_BASE64_TEXT, and MIME_BASE64_TEXT_BOGUS when it is ASCII), so base64 is the
+    exception, taken where it saves much of the message's size.
+    """
+    high = len(data) - len(data.translate(None, _HIGH_BYTES))
+    if high == 0:
+        return "7bit" if _fits_7bit(data) else "quoted-printable"
+    if high * 2 > len(data):
+        quoted = len(data) + 2 * high  # every 8-bit byte becomes =XX
+        encoded = (len(data) + 2) // 3 * 4 * 78 // 76  # 76 columns and a CRLF per line
+        if encoded * 3 <= quoted * 2 and quoted - encoded >= BASE64_SAVING:
+            return "base64"
+    return "quoted-printable"
+
+
+def _fits_7bit(data: bytes) -> bool:
+    """ASCII ``data`` can go as it is: short lines, no CR, no NUL, nothing a transport would strip."""
+    first = data.find(b"\n")
+    if (first if first >= 0 else len(data)) > 78 or _LONG_LINE.search(data) is not None:
+        return False
+    return b"\r" not in data and b"\0" not in data and _TRAILING_SPACE.search(data) is None
 
 
 def _text_cte(text: str) -> str:
-    """7bit when the text is ASCII with short lines, else quoted-printable (readable, line-safe)."""
-    first = text.find("\n")
-    short = (first if first >= 0 else len(text)) <= 78 and _LONG_LINE.search(text) is None
-    return "7bit" if short and text.isascii() else "quoted-printable"
+    """The transfer encoding of a body part holding ``text`` (see ``transfer_encoding``)."""
+    data = text.encode("utf-8")
+    if b"\r" in data:
+        data = _ANY_EOL.sub(b"\n", data)
+    return transfer_encoding(data)
 
 
 def _ensure_final_newline(text: str) -> str:
@@ -140,11 +249,18 @@ class _Placeholders:
         return f"smtpapi-{kind}-{len(self._bodies)}-{self._token}"
 
     def text(self, text: str, cte: str) -> str:
-        """A stand-in for ``text``, to be sent as ``cte`` (7bit or quoted-printable)."""
+        """A stand-in for ``text``, to be sent as ``cte`` (7bit, quoted-printable or base64)."""
         marker = self._marker("text")
         # An ASCII word needs no transfer encoding: the library writes the marker as it is.
         self._bodies.append((marker.encode("ascii"), lambda: [encode_text(text, cte)]))
         return marker + "\n"
+
+    def text_bytes(self, content: bytes, cte: str) -> bytes:
+        """A stand-in for a text attachment's ``content``, to be sent as ``cte`` (7bit or quoted-printable)."""
+        marker = self._marker("textpart")
+        # The library writes an ASCII word under either encoding as it is.
+        self._bodies.append((marker.encode("ascii"), lambda: encode_text_bytes(content, cte)))
+        return marker.encode("ascii")
 
     def binary(self, content: bytes) -> bytes:
         """A stand-in for ``content``, to be sent as base64."""
@@ -195,14 +311,25 @@ def _fill_body(message: EmailMessage, request: SendRequest, holes: _Placeholders
         if attachment.inline:
             continue
         maintype, subtype = attachment.content_type.split("/", 1)
+        content, cte, params = _attachment_body(attachment, holes)
         # Filenames go out as RFC 2231 parameters when they are not ASCII (the policy does this).
         message.add_attachment(
-            holes.binary(attachment.content),
+            content,
             maintype=maintype,
             subtype=subtype,
             filename=attachment.filename,
-            cte="base64",
+            cte=cte,
+            params=params,
         )
+
+
+def _attachment_body(attachment: Attachment, holes: _Placeholders) -> tuple[bytes, str, dict[str, str]]:
+    """The stand-in, transfer encoding and Content-Type parameters of an attachment's part."""
+    cte, charset = attachment_encoding(attachment.content_type, attachment.content)
+    params = {"charset": charset} if charset else {}
+    if cte == "base64":
+        return holes.binary(attachment.content), cte, params
+    return holes.text_bytes(attachment.content, cte), cte, params
 
 
 def _add_inline_parts(html_part: MIMEPart, attachments: tuple[Attachment, ...], holes: _Placeholders) -> None:
@@ -210,14 +337,16 @@ def _add_inline_parts(html_part: MIMEPart, attachments: tuple[Attachment, ...], 
     inline = [a for a in attachments if a.inline]
     for attachment in inline:
         maintype, subtype = attachment.content_type.split("/", 1)
+        content, cte, params = _attachment_body(attachment, holes)
         html_part.add_related(
-            holes.binary(attachment.content),
+            content,
             maintype=maintype,
             subtype=subtype,
             cid=f"<{attachment.content_id}>",
             filename=attachment.filename,
             disposition="inline",
-            cte="base64",
+            cte=cte,
+            params=params,
         )
     if inline:
         # RFC 2387 3.1: the type parameter names the root part's type, and is required.
@@ -252,7 +381,7 @@ def build_message_parts(
     exists as one more copy of itself: its size in memory is the sum of the pieces.
     """
     holes = _Placeholders()
-    message = EmailMessage(policy=_BUILD_POLICY)
+    top: list[bytes] = []
     for name, group in (
         ("From", (request.sender,)),
         ("To", request.to),
@@ -260,21 +389,26 @@ def build_message_parts(
         ("Reply-To", (request.reply_to,) if request.reply_to is not None else ()),
     ):
         if group:
-            _set_addresses(message, name, [_header_address(a) for a in group])
-    message.set_raw("Date", format_datetime(date))
-    # Free text. ASCII values are folded by the library; non-ASCII ones are encoded here, because
-    # the library's folding can drop the space between two encoded words ("a b" read back as "ab").
-    encoded: list[bytes] = []
+            top.append(address_header(name, group))
+    top.append(f"Date: {format_datetime(date)}\r\n".encode("ascii"))
+    # The caller's headers follow the service's own; the trusted extra headers come last.
     for name, value in (("Subject", request.subject), *request.headers, *extra_headers):
-        if value.isascii():
-            # Stored as given: the generator writes a value that fits on its line unchanged and has
-            # the library fold one that does not (policy refold_source "long").
-            message.set_raw(name, value)
-        else:
-            encoded.append(encode_text_header(name, value))
+        top.append(text_header(name, value))
+    # The email library lays out the MIME structure and its headers; the fields above are
+    # written here, where none of them is folded right after its colon.
+    message = EmailMessage(policy=_BUILD_POLICY)
     _fill_body(message, request, holes)
-    data = normalise_crlf(message.as_bytes(policy=_POLICY))
-    return holes.splice(_insert_headers(data, identity_headers(request, message_id), encoded))
+    _drop_inner_mime_version(message)
+    data = b"".join(top) + normalise_crlf(message.as_bytes(policy=_POLICY))
+    return holes.splice(_insert_headers(data, identity_headers(request, message_id)))
+
+
+def _drop_inner_mime_version(message: EmailMessage) -> None:
+    """RFC 2045 4: MIME-Version belongs to the message's header only. The library writes one on
+    every part it makes with ``add_attachment`` and its kin."""
+    for part in message.walk():
+        if part is not message and "MIME-Version" in part:
+            del part["MIME-Version"]
 
 
 _BASE64_BLOCK = 57 * 1024  # input bytes per block: 1,024 lines of 76 characters (RFC 2045 6.8)
@@ -298,19 +432,74 @@ def encode_text(text: str, cte: str) -> bytes:
     data = text.encode("utf-8")
     if b"\r" in data:
         data = _ANY_EOL.sub(b"\n", data)
+    if cte == "base64":
+        # RFC 2045 6.8: text is encoded in its canonical form, with CRLF line ends.
+        return b"".join(base64_blocks(data.replace(b"\n", b"\r\n")))
     if cte == "quoted-printable":
         data = binascii.b2a_qp(data, istext=True)
     data = data.replace(b"\n", b"\r\n")
     return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 
+_TEXT_BLOCK = 64 * 1024
+
+
+def encode_text_bytes(content: bytes, cte: str) -> list[bytes]:
+    """A text attachment as sent: 7bit or quoted-printable, CRLF line ends, in blocks of whole lines.
+
+    ``content`` has LF or CRLF line ends and no other CR (see ``attachment_encoding``). Each
+    block ends with CRLF; that of the last block is the boundary's own line break, so content
+    without a final line end reads back without one.
+    """
+    data = content.replace(b"\r\n", b"\n") if b"\r" in content else content
+    blocks: list[bytes] = []
+    start = 0
+    while start < len(data):
+        cut = data.find(b"\n", start + _TEXT_BLOCK)
+        stop = len(data) if cut < 0 else cut + 1
+        block = data[start:stop]
+        if cte == "quoted-printable":
+            block = binascii.b2a_qp(block, istext=True)
+        blocks.append(block.replace(b"\n", b"\r\n"))
+        start = stop
+    # Every piece is whole lines: a last line without its line end takes the boundary's.
+    if blocks and not blocks[-1].endswith(b"\r\n"):
+        blocks[-1] += b"\r\n"
+    else:
+        blocks.append(b"\r\n")
+    return blocks
+
+
+def attachment_encoding(content_type: str, content: bytes) -> tuple[str, str | None]:
+    """The transfer encoding and charset of an attachment (or inline part).
+
+    Binary types stay base64. Text goes as 7bit or quoted-printable when its bytes allow it
+    (see ``transfer_encoding``): ASCII needs no charset, UTF-8 is labelled as such. Text with
+    NUL bytes, a lone CR, or 8-bit bytes that are not UTF-8 (whose charset is unknown) needs
+    base64 to arrive byte for byte.
+    """
+    if not content_type.startswith("text/") or b"\0" in content:
+        return "base64", None
+    lf_only = content.replace(b"\r\n", b"\n") if b"\r" in content else content
+    if b"\r" in lf_only:
+        return "base64", None
+    charset = None
+    if not lf_only.isascii():
+        try:
+            lf_only.decode("utf-8")
+        except UnicodeDecodeError:
+            return "base64", None
+        charset = "utf-8"
+    return transfer_encoding(lf_only), charset
+
+
 def encode_text_header(name: str, value: str) -> bytes:
-    """``Name: value`` as RFC 2047 encoded words, folded under 78 columns, CRLF-terminated.
+    """``Name: value`` as RFC 2047 encoded words, folded under 76 columns, CRLF-terminated.
 
     White space between words is encoded inside the words, so every reader gets ``value`` back.
     """
-    words = Header(value, "utf-8", header_name=name, maxlinelen=78).encode(linesep="\r\n")
-    return f"{name}: {words}\r\n".encode("ascii")
+    words = encoded_words(value, _ENCODED_LINE - len(name) - 2)
+    return fold_items(name, tuple(words), " ", width=_ENCODED_LINE)
 
 
 def identity_headers(request: SendRequest, message_id: str) -> list[tuple[str, tuple[str, ...], str]]:

@@ -109,6 +109,11 @@ class SmtpTarget:
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def address(self) -> str:
+        """``host:port``, an IPv6 address in brackets (``[::1]:587``)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
 
 @attrs.frozen
 class Credentials:

@@ -134,7 +134,11 @@ def _error_list(codes: list[str]) -> dict[str, Any]:
                 "msg": {"enum": codes},
                 "message": {"type": "string"},
                 "field": {"type": "string"},
-                "detail": {"type": "object"},
+                "detail": {
+                    "type": "object",
+                    "description": "For SMTP errors: phase, kind, reason, smtp_code and smtp_text, and target "
+                    "(the host:port tried).",
+                },
             },
         },
     }
@@ -235,6 +239,21 @@ def document() -> dict[str, Any]:
     for response in error_responses.values():
         response["headers"] = send_headers
     status_schema = {"type": "object", "properties": {"status": {"type": "string"}}}
+    unready_schema = {
+        "type": "object",
+        "required": ["status", "failing", "reasons"],
+        "properties": {
+            "status": {"const": "unavailable"},
+            "failing": {"type": "array", "items": {"enum": ["database", "postfix", "state"]}},
+            "reasons": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "Why each failing part fails (connection refused, TLS name mismatch, certificate "
+                "not trusted, database access denied...), without secrets or addresses.",
+            },
+        },
+    }
+    id_header = {"X-Request-Id": send_headers["X-Request-Id"]}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -292,22 +311,38 @@ def document() -> dict[str, Any]:
             "/healthz": {
                 "get": {
                     "operationId": "healthz",
-                    "responses": {"200": {"description": "alive", "content": {"application/json": {"schema": status_schema}}}},
+                    "responses": {
+                        "200": {
+                            "description": "alive",
+                            "headers": id_header,
+                            "content": {"application/json": {"schema": status_schema}},
+                        }
+                    },
                 }
             },
             "/readyz": {
                 "get": {
                     "operationId": "readyz",
                     "responses": {
-                        "200": {"description": "ready", "content": {"application/json": {"schema": status_schema}}},
-                        "503": {"description": "a dependency is down", "content": {"application/json": {"schema": status_schema}}},
+                        "200": {
+                            "description": "ready",
+                            "headers": id_header,
+                            "content": {"application/json": {"schema": status_schema}},
+                        },
+                        "503": {
+                            "description": "a dependency is down",
+                            "headers": id_header,
+                            "content": {"application/json": {"schema": unready_schema}},
+                        },
                     },
                 }
             },
             "/api/v1/openapi.json": {
                 "get": {
                     "operationId": "openapi",
-                    "responses": {"200": {"description": "this document", "content": {"application/json": {}}}},
+                    "responses": {
+                        "200": {"description": "this document", "headers": id_header, "content": {"application/json": {}}}
+                    },
                 }
             },
         },

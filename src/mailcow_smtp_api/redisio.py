@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from .apikeys import IPNetwork, parse_ip
 from .config import RedisUrl
 from .errors import ApiError
+from .readiness import SafeReason
 from .ratelimit import Decision, Limit, Policy, admitted_as, judge, parse_limit
 
 log = Logger(namespace="smtpapi.redis")
@@ -110,11 +111,25 @@ def _ban_networks(entries: dict[Any, Any], now: float, permanent: bool) -> list[
     return out
 
 
+def _safe_reason(exc: BaseException) -> str:
+    """Why Redis failed, for /readyz: the kind of trouble and the option to check, no address or secret."""
+    text = str(exc)
+    if "WRONGPASS" in text or "NOAUTH" in text or "invalid password" in text.lower():
+        return "Redis refused the login: check the password in --redis"
+    if isinstance(exc, TimeoutError) or isinstance(exc, txredisapi.TimeoutError):
+        return "no answer from Redis in time (see --redis-timeout)"
+    if isinstance(exc, txredisapi.ConnectionError):
+        return "cannot connect to Redis (see --redis)"
+    return f"Redis failed ({type(exc).__name__})"
+
+
 def _unavailable(failure: Failure) -> Failure:
     if failure.check(ApiError):
         return failure
     log.warn("redis: {kind}: {text}", kind=type(failure.value).__name__, text=str(failure.value)[:200])
-    return Failure(ApiError.of("smtp_ratelimit_unavailable", retry_after=5))
+    err = ApiError.of("smtp_ratelimit_unavailable", retry_after=5)
+    err.__cause__ = SafeReason(_safe_reason(failure.value))
+    return Failure(err)
 
 
 class MailcowRedis:

@@ -344,7 +344,7 @@ def login_problem(login: str, mailbox: Mailbox | None, domain: Domain | None) ->
     ``active = 1``, ``kind`` is not a resource, and ``attributes.smtp_access`` is 1.
     """
     if mailbox is None:
-        return f"login {login} is not a mailbox"
+        return not_a_mailbox(login)
     if mailbox.active != 1:
         state = "receive-only" if mailbox.active == 2 else "inactive"
         return f"login {login} is {state}"
@@ -358,6 +358,11 @@ def login_problem(login: str, mailbox: Mailbox | None, domain: Domain | None) ->
     if not smtp_access_granted(mailbox.attributes):
         return f"login {login} has no SMTP access"
     return None
+
+
+def not_a_mailbox(login: str) -> str:
+    """The reason given when ``login`` is no mailbox at all (an alias, a typo, another server's)."""
+    return f"login {login} is not a mailbox"
 
 
 def find_login(state: DbState, login: str) -> tuple[Mailbox | None, Domain | None]:

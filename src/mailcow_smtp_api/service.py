@@ -33,6 +33,7 @@ from .model import (
 from .ratelimit import Decision
 from .responses import error_body
 from .sendkeys import SendKey, check_key, key_id_of, looks_like_send_key, parse_token
+from .senders import not_a_mailbox
 
 log = Logger(namespace="smtpapi.service")
 
@@ -269,12 +270,7 @@ class SendService:
                 credentials = await self._credentials_for(target, request, client_ip)
             decision = await self.senders.authorize_sender(request.login, request.sender.wire)
             if not decision.allowed:
-                raise ApiError.of(
-                    "smtp_unauthorized_sender",
-                    f"{request.login} may not send as {request.sender.wire}",
-                    field="from",
-                    detail={"reason": decision.reason},
-                )
+                raise sender_refused(request, decision.reason)
         envelope = envelope_for(request)
         await self._within_limits(request, envelope, client_ip, key, progress)
         message_id = request.message_id or make_message_id(self.new_token(), request.sender)
@@ -291,7 +287,7 @@ class SendService:
         try:
             result = await self.submitter.submit(target, credentials, envelope, message)
         except SmtpFailure as failure:
-            err = smtp_failure_to_api_error(failure)
+            err = smtp_failure_to_api_error(failure, target.address)
             if err.code == "smtp_auth_failed":
                 self._failed(client_ip, request.login)
             raise err from None
@@ -365,6 +361,27 @@ def _bound_to_key(request: SendRequest, key: SendKey) -> SendRequest:
             field="from",
         )
     return attrs.evolve(request, login=key.login.lower())
+def sender_refused(request: SendRequest, reason: str) -> ApiError:
+    """403 smtp_unauthorized_sender, saying what to change.
+
+    A login that is no mailbox at all is mostly ``from`` standing in for a missing ``smtp_user``
+    (an alias cannot log in): the answer names that, rather than "X may not send as X".
+    """
+    if reason == not_a_mailbox(request.login):
+        if request.login == request.sender.wire.lower():
+            message = (
+                f"{request.sender.wire} is not a mailbox, so it cannot log in; without smtp_user the login is "
+                f"'from': set smtp_user to the mailbox that may send as {request.sender.wire}, with its password"
+            )
+        else:
+            message = f"smtp_user {request.login} is not a mailbox: smtp_user must be a mailbox's login"
+        return ApiError.of("smtp_unauthorized_sender", message, field="smtp_user", detail={"reason": reason})
+    return ApiError.of(
+        "smtp_unauthorized_sender",
+        f"{request.login} may not send as {request.sender.wire}",
+        field="from",
+        detail={"reason": reason},
+    )
 
 
 @attrs.frozen

@@ -260,7 +260,9 @@ class IdempotencyStore:
 
 def _unavailable(failure: Failure) -> Failure:
     if isinstance(failure.value, ApiError) and failure.value.code == "smtp_db_unavailable":
-        return Failure(ApiError.of("smtp_idempotency_unavailable", retry_after=5))
+        err = ApiError.of("smtp_idempotency_unavailable", retry_after=5)
+        err.__cause__ = failure.value.__cause__  # why, for /readyz
+        return Failure(err)
     return failure
 
 

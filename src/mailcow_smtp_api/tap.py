@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from .config import FLAGS, OPTION_DEFAULTS, Config, ConfigError, env_name, from_options
+from .config import FLAGS, OPTION_DEFAULTS, Config, ConfigError, env_name, from_options, helo_name
 
 log = Logger(namespace="smtpapi")
 
@@ -29,12 +29,16 @@ _HELP = {
     "else sqlite:smtpapi.sqlite",
     "smtp-host": "postfix host used when a request names none",
     "smtp-port": "postfix port used when a request names none (25 plain, 465 implicit TLS, others STARTTLS)",
-    "smtp-allow": "host[:port] entries (comma separated) a request may name in smtp_host/smtp_port; "
-    "a bare host allows ports 25, 465, 587, 588. Default: the --smtp-host on those ports",
+    "smtp-allow": "host[:port][/mode] entries (comma separated) a request may name in smtp_host/smtp_port; "
+    "a bare host allows ports 25, 465, 587, 588. mode is /plain (no TLS, no AUTH: port 25's way), /starttls "
+    "(STARTTLS required before AUTH) or /tls (implicit TLS); without it the port decides (25 plain, 465 tls, "
+    "any other starttls), so a non-standard plain or implicit-TLS port needs one, e.g. 10.0.0.5:2525/plain "
+    "or [::1]:10465/tls. Default: the --smtp-host on ports 25, 465, 587, 588",
     "smtp-ca": "PEM file of CA certificates that verify postfix's certificate (default: system CAs)",
     "smtp-tls-name": "name postfix's certificate must carry (default: the host connected to)",
     "smtp-timeout": "seconds to wait for each SMTP step",
-    "max-request-bytes": "largest request body accepted (413 above)",
+    "max-request-bytes": "largest request body accepted (413 above). base64 makes a file a third larger, so "
+    "the default 31457280 (30 MiB) carries attachments of about 22 MiB in all",
     "request-timeout": "seconds a request may take to arrive whole, from its first line to the last byte of its "
     "body (408 after that, so a client sending a byte now and then cannot hold a connection open)",
     "max-recipients": "most recipients (to+cc+bcc) in one request",
@@ -69,6 +73,8 @@ _HELP = {
     "REDIS_SLAVEOF_IP/REDIS_SLAVEOF_PORT from the environment (mailcow.conf), else --redis itself",
     "redis-prefix": "key prefix of the sidecar's own Redis keys (its rate-limit buckets); lower case, ends in ':'",
     "redis-timeout": "seconds to wait for each Redis answer",
+    "smtp-helo": "name the sidecar gives in EHLO: a host name, or an IP address (sent as an address literal). "
+    "Default: MAILCOW_HOSTNAME from the environment when set, else the machine's fully qualified name",
 }
 
 
@@ -121,6 +127,14 @@ def with_backlog(description: str) -> str:
     if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
         return f"{description}:backlog={LISTEN_BACKLOG}"
     return description
+
+
+def machine_helo_name() -> str:
+    """The machine's fully qualified name as an EHLO argument; ``localhost`` when it has no usable one."""
+    try:
+        return helo_name(socket.getfqdn())
+    except ConfigError:
+        return "localhost"
 
 
 def json_logger() -> Any:
@@ -193,7 +207,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         reactor,
         TlsSettings(ca_file=config.smtp_ca, server_name=config.smtp_tls_name, verify=config.smtp_tls_verify),
         timeout=config.smtp_timeout,
-        helo_name=socket.gethostname() or "localhost",
+        helo_name=config.smtp_helo or machine_helo_name(),
     )
     verifier = LocalPasswordVerifier(reactor, config.local_auth_threads, reactor)
     verifier.setServiceParent(top)
@@ -252,6 +266,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         ),
     )
     site = ApiSite(api.resource())
+    site.trusted_proxies = config.trusted_proxies
     site.requestFactory = request_factory(config.max_request_bytes, config.request_timeout)
     site.protocol = channel_factory  # type: ignore[method-assign]  # a factory callable, as twisted.web sets it
     site.displayTracebacks = False

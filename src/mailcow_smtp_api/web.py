@@ -15,6 +15,7 @@ from typing import IO, Any
 import attrs
 from klein import Klein
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -25,9 +26,11 @@ from . import idempotency
 from .apikeys import client_address
 from .errors import ApiError
 from .idempotency import Answer
+from .linger import Lingering
 from .metrics import Metrics
 from .model import SendRequest
 from .openapi import document as openapi_document
+from .readiness import reason as failure_reason
 from .responses import error_body, success_body
 from .ratelimit import policy_header, ratelimit_header
 from .service import Caller, Completion, IdempotentSends, Progress, SendOutcome, SendService
@@ -39,6 +42,8 @@ JSON = b"application/json"
 # Bodies larger than this are parsed (JSON, base64) off the reactor thread.
 OFFLOAD_BYTES = 64 * 1024
 MEMORY_BODY = 1024 * 1024  # request bodies up to this size are buffered in memory, larger ones on disk
+# The Server header names no product version (twisted.web would send TwistedWeb/<version>).
+SERVER_NAME = b"mailcow-smtp-api"
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -76,6 +81,8 @@ class LimitedRequest(server.Request):
     _deadline_call: Any = None
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        # Every answer carries this id (X-Request-Id, the body's request_id, its log line).
+        self.request_id = secrets.token_hex(8)
         # The API reads only JSON bodies. twisted.web would otherwise parse every urlencoded or
         # multipart POST into request.args before any route runs (CPU on up to max_body bytes),
         # and answer a malformed multipart body with a bare 400 instead of the coded 415.
@@ -143,21 +150,35 @@ class LimitedRequest(server.Request):
         self._answer_and_close(err)
 
     def _answer_and_close(self, err: ApiError) -> None:
-        """Answer ``err`` at once, store nothing more, never dispatch, and close the connection."""
+        """Answer ``err`` at once, store nothing more, never dispatch, and close the connection
+        once the client had time to read the answer (see ``linger``)."""
         self._stop_deadline()
         self._refused = True
         self.content = io.BytesIO()
         transport = self.channel.transport
         if transport is None:  # the client is already gone
             return
-        transport.write(_error_response(err, secrets.token_hex(8)))
-        transport.loseConnection()
+        transport.write(_error_response(err, self.request_id))
+        method, path = _request_line(self)
+        log_answer(self.request_id, _peer_client(self), method, path, err.status, err.code)
+        linger = getattr(self.channel, "linger", None)
+        if linger is not None:
+            linger()
+        else:
+            transport.loseConnection()
 
     def process(self) -> None:
-        """A refused request is never dispatched to a route."""
+        """A refused request is never dispatched to a route; every other answer carries its id."""
         if self._refused:
             return
+        self.setHeader(b"X-Request-Id", self.request_id.encode("ascii"))
         super().process()
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        """Headers as given, but a neutral ``Server`` (twisted.web would name its version)."""
+        if (name.encode("latin-1") if isinstance(name, str) else name).lower() == b"server":
+            value = SERVER_NAME
+        super().setHeader(name, value)
 
 
 class CodedHTTPChannel(http.HTTPChannel):
@@ -167,10 +188,38 @@ class CodedHTTPChannel(http.HTTPChannel):
     request smuggling, nothing reaches a route), the answer becomes the API's JSON shape.
     """
 
+    _lingering: Lingering | None = None
+
     def _respondToBadRequestAndDisconnect(self) -> None:
-        if self.transport is not None:
-            self.transport.write(_error_response(ApiError.of("smtp_bad_http_request"), secrets.token_hex(8)))
-        self.loseConnection()
+        if self.transport is None:
+            return
+        err = ApiError.of("smtp_bad_http_request")
+        request_id = secrets.token_hex(8)
+        self.transport.write(_error_response(err, request_id))
+        peer = getattr(self.transport.getPeer(), "host", "") or "-"
+        log_answer(request_id, peer, "-", "-", err.status, err.code)
+        self.linger()
+
+    def linger(self) -> None:
+        """Read no more requests: discard what the client still sends, then close (``Lingering``)."""
+        if self._lingering is None and self.transport is not None:
+            # Nothing after an early answer is parsed: no line, no body, no pipelined request.
+            self.paused = True
+            self._buffer = b""
+            self._lingering = Lingering(self.transport, self.callLater)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Bytes of the connection; after an early answer they are only counted and dropped."""
+        if self._lingering is not None:
+            self._lingering.discard(data)
+            return
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The client is gone: stop lingering."""
+        if self._lingering is not None:
+            self._lingering.stop()
+        super().connectionLost(reason)
 
 
 def channel_factory() -> Any:
@@ -182,12 +231,51 @@ SEND_PATH = b"/api/v1/send/email"
 
 
 class ApiSite(server.Site):
-    """The API's site: Twisted's access-log line for every route but the send route, which logs its
-    own, more telling line (request id, login, sender, result code, queue id)."""
+    """The API's site: one log line with the request id for every answer. The send route logs its
+    own, more telling line (login, sender, result code, queue id); the other routes get this one."""
+
+    trusted_proxies: tuple[str, ...] = ()
 
     def log(self, request: Any) -> None:
-        if request.path != SEND_PATH:
-            super().log(request)
+        # A POST to the send route reached the send handler, which logged it.
+        if request.path != SEND_PATH or request.method != b"POST":
+            log_answer(
+                getattr(request, "request_id", "-"),
+                _peer_client(request, self.trusted_proxies),
+                request.method.decode("latin-1"),
+                request.path.decode("latin-1"),
+                request.code,
+                getattr(request, "answer_code", "-"),
+            )
+
+
+def log_answer(request_id: str, client_ip: str, method: str, path: str, status: int, code: str) -> None:
+    """The log line of an answer that is not a send (other routes, early refusals)."""
+    log.info(
+        "http {request_id} ip={client_ip} {method} {path} status={status} code={code}",
+        request_id=request_id,
+        client_ip=client_ip,
+        method=method,
+        path=path[:200],
+        status=status,
+        code=code,
+    )
+
+
+def _peer_client(request: Any, trusted_proxies: tuple[str, ...] | None = None) -> str:
+    """The client's address as the send route sees it: the peer, or X-Forwarded-For from a trusted proxy."""
+    if trusted_proxies is None:
+        trusted_proxies = getattr(getattr(request.channel, "site", None), "trusted_proxies", ())
+    peer = getattr(request.getClientAddress(), "host", "") or ""
+    return client_address(peer, request.getHeader("x-forwarded-for"), trusted_proxies) or "-"
+
+
+def _request_line(request: Any) -> tuple[str, str]:
+    """Method and path of a request refused before twisted.web stored them on it."""
+    channel = request.channel
+    method = getattr(request, "method", None) or getattr(channel, "_command", None) or b"-"
+    path = getattr(request, "uri", None) or getattr(channel, "_path", None) or b"-"
+    return method.decode("latin-1"), path.split(b"?", 1)[0].decode("latin-1")
 
 
 def request_factory(max_body: int, deadline: float = LimitedRequest.deadline) -> type[LimitedRequest]:
@@ -301,7 +389,7 @@ class SmtpApi:
     @app.route("/api/v1/send/email", methods=["POST"])
     def send_email(self, request: IRequest) -> Deferred[bytes]:
         """POST /api/v1/send/email: send one message."""
-        request_id = secrets.token_hex(8)
+        request_id = getattr(request, "request_id", None) or secrets.token_hex(8)
         return shield(ensureDeferred(self._send(request, request_id)))
 
     async def _send(self, request: IRequest, request_id: str) -> bytes:
@@ -442,17 +530,19 @@ class SmtpApi:
 
     @app.route("/readyz", methods=["GET"])
     async def readyz(self, request: IRequest) -> bytes:
-        """GET /readyz: every dependency answers; 503 naming the parts that do not."""
+        """GET /readyz: every dependency answers; 503 naming the parts that do not, and why."""
         failing: list[str] = []
+        reasons: dict[str, str] = {}
         for name, check in self.ready_checks:
             try:
                 await check()
-            except Exception:
+            except Exception as exc:
                 failing.append(name)
+                reasons[name] = failure_reason(exc)
         request.setHeader("Content-Type", "application/json")
         if failing:
             request.setResponseCode(503)
-            return _json_bytes({"status": "unavailable", "failing": failing})
+            return _json_bytes({"status": "unavailable", "failing": failing, "reasons": reasons})
         return _json_bytes({"status": "ok"})
 
     @app.route("/api/v1/openapi.json", methods=["GET"])
@@ -464,16 +554,22 @@ class SmtpApi:
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
         """Unknown routes answer a coded JSON 404."""
-        request.setResponseCode(404)
-        request.setHeader("Content-Type", "application/json")
-        return _json_bytes(error_body(ApiError.of("not_found"), None, ""))
+        return _route_error(request, ApiError.of("not_found"))
 
     @app.handle_errors(MethodNotAllowed)
     def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         """A known route with the wrong method answers a coded JSON 405."""
-        request.setResponseCode(405)
         allowed = getattr(failure.value, "valid_methods", None) or []
         if allowed:
             request.setHeader("Allow", ", ".join(allowed))
-        request.setHeader("Content-Type", "application/json")
-        return _json_bytes(error_body(ApiError.of("method_not_allowed"), None, ""))
+        return _route_error(request, ApiError.of("method_not_allowed"))
+
+
+def _route_error(request: IRequest, err: ApiError) -> bytes:
+    """A coded JSON answer outside the send route, with the request's id."""
+    request_id = getattr(request, "request_id", "") or secrets.token_hex(8)
+    request.setResponseCode(err.status)
+    request.setHeader("Content-Type", "application/json")
+    request.setHeader("X-Request-Id", request_id)
+    setattr(request, "answer_code", err.code)
+    return _json_bytes(error_body(err, None, request_id))

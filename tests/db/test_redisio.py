@@ -222,13 +222,24 @@ async def test_only_the_documented_keys_and_commands_are_used(require_redis: Non
     """Watched with MONITOR, the adapter reads only mailcow's documented keys, writes only under its
     prefix, and publishes only on F2B_CHANNEL: never MC_CHANNEL, never netfilter's or rspamd's keys."""
     import subprocess
+    import threading
     import time
 
     monitor = subprocess.Popen(["redis-cli", "-h", "127.0.0.1", "-p", "6379", "monitor"], stdout=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(monitor.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 5
+        while not any(text in line for line in seen) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
     raw = await connect()
     redis, prefix = store()
+    marker = f"end-{secrets.token_hex(4)}"
     try:
-        time.sleep(0.3)  # MONITOR is listening once redis-cli has connected
+        wait_for("OK")  # redis-cli prints OK once MONITOR listens
         await raw[READ_DB].hset("SMTP_LIMITED_ACCESS", "user@example.org", "1")
         await redis.limits_for("user@example.org", "example.org")
         await redis.smtp_allowed("user@example.org", "192.0.2.1")
@@ -236,17 +247,20 @@ async def test_only_the_documented_keys_and_commands_are_used(require_redis: Non
         await redis.take([mailbox(5, 60)], 1)
         await redis.publish_failure("mailcow UI: Invalid password for smtp-api:x@example.org by 192.0.2.1")
         await redis.ping()
-        time.sleep(0.3)
+        await raw[READ_DB].execute_command("ECHO", marker)
+        wait_for(marker)
     finally:
         monitor.terminate()
-        output, _ = monitor.communicate(timeout=10)
+        monitor.wait(timeout=10)
+        reader.join(timeout=5)
         await clean(raw, redis)
+    output = "".join(seen)
     ours = [line for line in output.splitlines() if f"[{READ_DB} " in line or f"[{WRITE_DB} " in line]
     used: list[tuple[str, str]] = []
     for line in ours:
         words = [w.strip('"') for w in line.split("] ", 1)[1].split('" "')]
         command, first = words[0].upper(), words[1] if len(words) > 1 else ""
-        if command in ("HSET", "DEL", "KEYS", "SELECT", "CLIENT", "QUIT") and not first.startswith(prefix):
+        if command in ("HSET", "DEL", "KEYS", "SELECT", "CLIENT", "QUIT", "ECHO") and not first.startswith(prefix):
             continue  # the test's own set-up and clean-up connection
         used.append((command, first))
     commands = {command for command, _ in used}
@@ -261,3 +275,21 @@ async def test_only_the_documented_keys_and_commands_are_used(require_redis: Non
         else:
             assert command in ("EVALSHA", "SCRIPT", "PING", "SELECT", "TIME", "INFO", "CLIENT"), (command, first)
     assert "MC_CHANNEL" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_readiness_says_why_redis_fails(require_redis: None) -> None:
+    """/readyz's reason for a Redis that does not answer names the option to check, and no address."""
+    from mailcow_smtp_api.readiness import reason
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    redis, _ = store(port=closed_port, timeout=0.5)
+    try:
+        with pytest.raises(ApiError) as caught:
+            await redis.ping()
+        text = reason(caught.value)
+        assert "--redis" in text and "127.0.0.1" not in text and str(closed_port) not in text
+    finally:
+        await redis.close()

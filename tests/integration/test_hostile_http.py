@@ -8,9 +8,12 @@ The fuzzer's service submits only to a scripted loopback SMTP server, so it send
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,6 +128,49 @@ def peak_rss_mib(service: Sidecar) -> float:
 
 
 # --------------------------------------------------------------------------- size limits
+
+
+UPLOAD = 8 * 1024 * 1024  # what a client without Expect: 100-continue sends before it reads
+
+
+def test_urllib_uploading_a_large_body_reads_the_413(service: Sidecar, bed: Testbed) -> None:
+    """urllib (like requests and Node's fetch) sends the whole body before reading: with 8 MiB over
+    the 1 MiB limit it still gets the 413 answer, not a broken pipe or a reset, because the server
+    reads and drops the rest of the body before it closes (a lingering close)."""
+    body = b'{"from": "' + b"x" * UPLOAD + b'"}'
+    request = urllib.request.Request(
+        f"{service.url}/api/v1/send/email",
+        data=body,
+        headers={"Content-Type": "application/json", "X-API-Key": API_KEY},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=IO_TIMEOUT)
+    assert refused.value.code == 413
+    answer = json.loads(refused.value.read())
+    assert answer[0]["msg"] == "smtp_request_too_large"
+    assert refused.value.headers["X-Request-Id"] == answer[0]["log"][2]["request_id"]
+    still_serving(service, bed, "after urllib oversize")
+
+
+def test_http_client_streaming_a_large_chunked_body_reads_the_413(service: Sidecar, bed: Testbed) -> None:
+    """A chunked upload that passes the limit midway gets the 413 too, once it has sent the rest."""
+    connection = http.client.HTTPConnection(HOST, service.port, timeout=IO_TIMEOUT)
+    try:
+        chunks = (b"x" * 65536 for _ in range(UPLOAD // 65536))
+        connection.request(
+            "POST",
+            "/api/v1/send/email",
+            body=chunks,
+            headers={"Content-Type": "application/json", "X-API-Key": API_KEY},
+            encode_chunked=True,
+        )
+        response = connection.getresponse()
+        assert response.status == 413
+        assert json.loads(response.read())[0]["msg"] == "smtp_request_too_large"
+    finally:
+        connection.close()
+    still_serving(service, bed, "after chunked oversize")
 
 
 def test_declared_oversize_is_refused_before_the_body(service: Sidecar, bed: Testbed) -> None:

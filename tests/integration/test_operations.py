@@ -45,8 +45,33 @@ def test_health_and_readiness(bed: Testbed, sidecar: Callable[..., Sidecar]) -> 
     port = closed_port()
     broken = sidecar("--smtp-port", str(port), "--smtp-allow", f"127.0.0.1:{port}")
     status, body, _ = get(broken.url + "/readyz")
-    assert (status, json.loads(body)) == (503, {"status": "unavailable", "failing": ["postfix"]})
+    assert (status, json.loads(body)) == (
+        503,
+        {"status": "unavailable", "failing": ["postfix"], "reasons": {"postfix": "connection refused"}},
+    )
     assert b"127.0.0.1" not in body and b"mysql" not in body
+
+
+@pytest.mark.parametrize(
+    ("options", "part", "wanted"),
+    [
+        (("--smtp-tls-name", "mail.example.org"), "postfix", "TLS name mismatch"),
+        (("--smtp-ca", ""), "postfix", "certificate not trusted"),
+        (("--db", "mysql://root:Wrong-Pass-42@127.0.0.1:3306/smtpapi_testbed"), "database", "database access denied"),
+    ],
+)
+def test_readiness_says_why_a_part_fails(
+    bed: Testbed, sidecar: Callable[..., Sidecar], options: tuple[str, ...], part: str, wanted: str
+) -> None:
+    """A wrong TLS name, an untrusted certificate (no --smtp-ca for the bed's own CA) and a wrong
+    database password each answer 503 with the reason, and no secret or address."""
+    running = sidecar(*options)
+    status, body, _ = get(running.url + "/readyz")
+    answer = json.loads(body)
+    assert status == 503 and answer["failing"] == [part], answer
+    assert answer["reasons"][part].startswith(wanted), answer
+    for secret in (b"Wrong-Pass-42", b"root", b"127.0.0.1", b"mail.example.org", b"localhost"):
+        assert secret not in body
 
 
 def test_metrics_on_their_own_endpoint(bed: Testbed, sidecar: Callable[..., Sidecar]) -> None:

@@ -120,7 +120,8 @@ class WebTests(SynchronousTestCase):
         self.assertEqual(self.call("GET", "http://sidecar.test/readyz")[:2], (200, {"status": "ok"}))
         self.ready[0] = False
         self.assertEqual(
-            self.call("GET", "http://sidecar.test/readyz")[:2], (503, {"status": "unavailable", "failing": ["database"]})
+            self.call("GET", "http://sidecar.test/readyz")[:2],
+            (503, {"status": "unavailable", "failing": ["database"], "reasons": {"database": "unexpected error (RuntimeError)"}}),
         )
 
 
@@ -144,18 +145,30 @@ class ShieldTests(SynchronousTestCase):
 
 
 def test_the_send_route_gets_only_its_own_log_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Twisted's access-log line is kept for every route but the send route, which logs its own."""
+    """The send route logs its own line; every other route gets one line with its request id,
+    client, method, path, status and code (Twisted's access-log line is not written)."""
+    from twisted.internet.address import IPv4Address
     from twisted.web import server
     from twisted.web.resource import Resource
     from twisted.web.test.requesthelper import DummyRequest
 
-    from mailcow_smtp_api.web import ApiSite
+    from mailcow_smtp_api import web
 
-    logged: list[bytes] = []
-    monkeypatch.setattr(server.Site, "log", lambda self, request: logged.append(request.path))
-    site = ApiSite(Resource())
-    for path in (b"/api/v1/send/email", b"/healthz", b"/api/v1/openapi.json"):
+    twisted_lines: list[bytes] = []
+    ours: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(server.Site, "log", lambda self, request: twisted_lines.append(request.path))
+    monkeypatch.setattr(web, "log_answer", lambda *fields: ours.append(fields))
+    site = web.ApiSite(Resource())
+    for method, path in ((b"POST", b"/api/v1/send/email"), (b"GET", b"/healthz"), (b"GET", b"/api/v1/openapi.json")):
         request = DummyRequest([])
+        request.method = method
         request.path = path
+        request.code = 200
+        request.client = IPv4Address("TCP", "192.0.2.7", 40000)
+        request.request_id = "id-" + path.decode()
         site.log(request)
-    assert logged == [b"/healthz", b"/api/v1/openapi.json"]
+    assert twisted_lines == []
+    assert ours == [
+        ("id-/healthz", "192.0.2.7", "GET", "/healthz", 200, "-"),
+        ("id-/api/v1/openapi.json", "192.0.2.7", "GET", "/api/v1/openapi.json", 200, "-"),
+    ]

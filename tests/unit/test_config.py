@@ -162,3 +162,39 @@ def test_plain_target_for_send_keys() -> None:
     named = from_options({"smtp-host": "127.0.0.1", "smtp-port": "10587", "smtp-allow": "127.0.0.1:10587,127.0.0.1:10025/plain"}, environ={})
     assert named.plain_target == SmtpTarget("127.0.0.1", 10025, Security.PLAIN)
     assert from_options({"smtp-port": "587", "smtp-allow": "postfix-mailcow:587"}, environ={}).plain_target is None
+
+
+@pytest.mark.parametrize(
+    ("options", "environ", "wanted"),
+    [
+        ({}, {}, None),  # the wiring asks the machine for its FQDN
+        ({}, {"MAILCOW_HOSTNAME": "mail.example.org"}, "mail.example.org"),
+        ({"smtp-helo": "api.example.org"}, {"MAILCOW_HOSTNAME": "mail.example.org"}, "api.example.org"),
+        ({}, {"SMTPAPI_SMTP_HELO": "env.example.org", "MAILCOW_HOSTNAME": "mail.example.org"}, "env.example.org"),
+        ({"smtp-helo": "192.0.2.7"}, {}, "[192.0.2.7]"),
+        ({"smtp-helo": "2001:db8::7"}, {}, "[IPv6:2001:db8::7]"),
+    ],
+)
+def test_the_ehlo_name_is_the_option_else_mailcow_hostname(
+    options: dict[str, str], environ: dict[str, str], wanted: str | None
+) -> None:
+    """--smtp-helo wins, then MAILCOW_HOSTNAME; an IP address becomes an address literal."""
+    assert from_options(options, environ=environ).smtp_helo == wanted
+
+
+@pytest.mark.parametrize("value", ["bad name", "mail_example.org", "-lead.example.org"])
+def test_a_bad_ehlo_name_stops_the_start(value: str) -> None:
+    """A value that is no host name or address is refused with the option's name."""
+    with pytest.raises(ConfigError, match="--smtp-helo"):
+        from_options({"smtp-helo": value}, environ={})
+
+
+def test_without_a_name_the_ehlo_name_is_the_machines_fqdn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With neither option nor MAILCOW_HOSTNAME, the name is socket.getfqdn()'s, or localhost when
+    that is no usable host name."""
+    from mailcow_smtp_api import tap
+
+    monkeypatch.setattr(tap.socket, "getfqdn", lambda: "host7.example.net")
+    assert tap.machine_helo_name() == "host7.example.net"
+    monkeypatch.setattr(tap.socket, "getfqdn", lambda: "bad_name")
+    assert tap.machine_helo_name() == "localhost"

@@ -151,25 +151,34 @@ def compose_environment(service: Mapping[str, Any], conf: Mapping[str, str]) -> 
     return {key: interpolate(str(value), conf) for key, value in environment.items()}
 
 
+# nginx's tokens: a quoted string (which may hold braces, semicolons and #), a comment, a word, or
+# one of the three characters that end statements and open or close blocks.
+_NGINX_TOKEN = re.compile(r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|#[^\n]*|[;{}]|[^\s;{}'"#]+""")
+
+
 def nginx_statements(text: str) -> list[tuple[int, list[str]]]:
-    """(block depth, words) of each nginx statement; comments dropped, ``{`` and ``}`` kept as words."""
-    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    """(block depth, words) of each nginx statement; comments dropped, ``{`` and ``}`` kept as words,
+    quoted strings kept whole (quotes included)."""
     statements: list[tuple[int, list[str]]] = []
+    words: list[str] = []
     depth = 0
-    for token in re.findall(r"[^;{}]+|[;{}]", code):
+    for token in _NGINX_TOKEN.findall(text):
+        if token.startswith("#"):
+            continue
         if token == ";":
-            continue
-        if token == "}":
-            depth -= 1
-            continue
-        if token == "{":
-            statements[-1][1].append("{")
+            if words:
+                statements.append((depth, words))
+            words = []
+        elif token == "{":
+            statements.append((depth, [*words, "{"]))
+            words = []
             depth += 1
-            continue
-        words = token.split()
-        if words:
-            statements.append((depth, words))
-    assert depth == 0, "unbalanced braces"
+        elif token == "}":
+            assert not words, f"statement without ';' before '}}': {words}"
+            depth -= 1
+        else:
+            words.append(token)
+    assert depth == 0 and not words, "unbalanced braces or an unfinished statement"
     return statements
 
 
@@ -259,7 +268,7 @@ def test_dockerignore_lets_through_exactly_what_the_dockerfile_copies() -> None:
     assert patterns[0] == "*"
     included = {pattern[1:].rstrip("/") for pattern in patterns if pattern.startswith("!")}
     copied = {arguments.split()[0].rstrip("/") for name, arguments in instructions if name == "COPY"}
-    assert copied == included == {"setup.py", "src"}
+    assert copied == included == {"setup.py", "constraints.txt", "src"}
     assert "src/twisted/plugins/dropin.cache" in patterns
     assert "src/*.egg-info" in patterns
 
@@ -317,6 +326,7 @@ def test_compose_environment_gives_the_mailcow_configuration() -> None:
     assert config.db == "mysql://mailcow:TestDbPass123@mysql-mailcow:3306/mailcow"
     assert (config.smtp_host, config.smtp_port) == ("postfix-mailcow", 587)
     assert config.smtp_tls_name == "mail.example.org"
+    assert config.smtp_helo == "mail.example.org"
     assert config.smtp_tls_verify
     assert config.listen == "tcp:8080"
     assert config.trusted_proxies == ("172.22.1.0/24",)

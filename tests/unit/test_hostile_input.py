@@ -31,14 +31,14 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
 from mailcow_smtp_api import validate
 from mailcow_smtp_api.config import Config, from_options
 from mailcow_smtp_api.errors import CODES
+from mailcow_smtp_api.linger import LINGER_SECONDS
 from mailcow_smtp_api.service import SendService
 from mailcow_smtp_api.smtp import data_payload, message_pieces, stuffed_chunks
-from mailcow_smtp_api.web import LimitedRequest, SmtpApi, channel_factory, request_factory
+from mailcow_smtp_api.web import ApiSite, LimitedRequest, SmtpApi, channel_factory, request_factory
 from tests.twisted.fakes import GOOD_KEY, FakeKeys, FakeSubmitter
 
 URL = "http://sidecar.test/api/v1/send/email"
@@ -758,7 +758,7 @@ def _channel(
     in-memory transport."""
     shell = Shell()
     # The channel's timers go on a clock of their own, never on the global reactor.
-    site = Site(shell.api.resource(), reactor=clock or Clock())
+    site = ApiSite(shell.api.resource(), reactor=clock or Clock())
     site.requestFactory = request_factory(limit, deadline)
     site.protocol = channel_factory
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
@@ -790,6 +790,14 @@ def _json_of(transport: StringTransport) -> Any:
 LIMIT = 4096
 
 
+def assert_closes_after_lingering(transport: StringTransport, clock: Clock) -> None:
+    """After an early answer the connection stays open only while the client may still be sending
+    (the lingering close, so that it can read the answer), then closes."""
+    assert not transport.disconnecting
+    clock.advance(LINGER_SECONDS)
+    assert transport.disconnecting
+
+
 def _deadline_channel(deadline: float) -> tuple[Shell, Any, StringTransport, Clock]:
     """Like ``_channel``, with a --request-timeout and the Site's clock at hand."""
     clock = Clock()
@@ -809,7 +817,7 @@ def test_a_body_trickling_in_past_the_deadline_gets_408_and_the_connection_close
     clock.advance(5.5)
     assert _status(transport) == 408
     assert _json_of(transport)[0]["msg"] == "smtp_request_timeout"
-    assert transport.disconnecting
+    assert_closes_after_lingering(transport, clock)
     channel.dataReceived(body[5:])  # the rest comes too late: never dispatched
     assert shell.sent == [] and transport.value().count(b"HTTP/1.1") == 1
 
@@ -822,7 +830,7 @@ def test_headers_that_never_end_get_408_too() -> None:
     channel.dataReceived(b"X-Slow: 1\r\n")
     clock.advance(1.5)
     assert _status(transport) == 408
-    assert transport.disconnecting
+    assert_closes_after_lingering(transport, clock)
 
 
 def test_a_request_in_time_is_answered_and_its_deadline_is_gone() -> None:
@@ -838,18 +846,20 @@ def test_a_request_in_time_is_answered_and_its_deadline_is_gone() -> None:
 
 def test_declared_length_over_the_limit_is_413_before_any_body() -> None:
     """Content-Length over --max-request-bytes answers 413 at once, without 100 Continue, and closes."""
-    shell, channel, transport = _channel(LIMIT)
+    clock = Clock()
+    shell, channel, transport = _channel(LIMIT, clock=clock)
     channel.dataReceived(_head(LIMIT + 1, b"Expect: 100-continue"))
     assert _status(transport) == 413
     assert b"100 Continue" not in transport.value()
     assert _json_of(transport)[0]["msg"] == "smtp_request_too_large"
-    assert transport.disconnecting
+    assert_closes_after_lingering(transport, clock)
     assert shell.sent == []
 
 
 def test_chunked_body_over_the_limit_is_413_while_it_arrives() -> None:
     """A chunked body is counted as it arrives: past the limit it answers 413 and stores nothing more."""
-    shell, channel, transport = _channel(LIMIT)
+    clock = Clock()
+    shell, channel, transport = _channel(LIMIT, clock=clock)
     channel.dataReceived(_head(None, b"Transfer-Encoding: chunked"))
     chunk = b"400\r\n" + b"x" * 0x400 + b"\r\n"
     for _ in range(LIMIT // 0x400):
@@ -857,7 +867,7 @@ def test_chunked_body_over_the_limit_is_413_while_it_arrives() -> None:
     assert transport.value() == b""  # exactly at the limit: still reading
     channel.dataReceived(chunk)
     assert _status(transport) == 413
-    assert transport.disconnecting
+    assert_closes_after_lingering(transport, clock)
     before = len(transport.value())
     for _ in range(50):
         channel.dataReceived(chunk)
@@ -922,11 +932,12 @@ def test_body_at_the_limit_is_served_and_one_byte_more_is_not() -> None:
 def test_ambiguous_framing_is_refused_and_closed(framing: list[bytes]) -> None:
     """Contradictory or malformed framing is refused with 400 by the HTTP layer and the connection
     closes: no request smuggling, nothing reaches the service."""
-    shell, channel, transport = _channel(LIMIT)
+    clock = Clock()
+    shell, channel, transport = _channel(LIMIT, clock=clock)
     channel.dataReceived(_head(None, *framing) + json.dumps(VALID).encode())
     assert _status(transport) == 400
     assert b'"msg":"smtp_bad_http_request"' in transport.value()
-    assert transport.disconnecting
+    assert_closes_after_lingering(transport, clock)
     assert shell.sent == []
 
 

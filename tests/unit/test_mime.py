@@ -140,8 +140,8 @@ def test_idn_domains_use_a_labels_in_headers() -> None:
 
 
 def test_long_and_unicode_lines_stay_under_the_limit() -> None:
-    """A 5000-character line and non-ASCII text are quoted-printable and re-assemble exactly."""
-    text = "ä" * 5000 + "\n" + "x" * 3000 + "\n.\n.leading dot\n"
+    """A 3000-character line and non-ASCII text are quoted-printable and re-assemble exactly."""
+    text = "ä" * 1500 + "\n" + "x" * 3000 + "\n.\n.leading dot\n"
     data, msg = build(request(body=text, html_body="<p>" + "y" * 4000 + "</p>"))
     assert_wire_clean(data)
     parts = list(msg.iter_parts())
@@ -258,11 +258,11 @@ def test_pieces_equal_build_message_and_inline_parts_keep_their_place() -> None:
     text=st.text(
         alphabet=st.sampled_from(["a", " ", "\t", "=", ".", "\u00e9", "\u65e5", "\U0001f600", "\n", "\r", "-"]),
         min_size=1,
-        max_size=400,
+        max_size=1200,
     ).filter(lambda t: t.strip()),
     html=st.booleans(),
 )
-def test_text_bodies_round_trip_through_7bit_or_quoted_printable(text: str, html: bool) -> None:
+def test_text_bodies_round_trip_in_their_transfer_encoding(text: str, html: bool) -> None:
     """Whatever the text, the reader decodes it back (line ends as LF) and no wire line is over 78."""
     req = request(body="", html_body=text) if html else request(body=text)
     parts = build_message_parts(req, message_id="<m@example.com>", date=DATE)
@@ -273,7 +273,8 @@ def test_text_bodies_round_trip_through_7bit_or_quoted_printable(text: str, html
     part = msg.get_body(("html",) if html else ("plain",))
     assert part is not None
     expected = text.replace("\r\n", "\n").replace("\r", "\n")
-    assert part.get_content() == (expected if expected.endswith("\n") else expected + "\n")
+    # base64 carries text in its canonical form (CRLF, RFC 2045 6.8), which readers turn into LF.
+    assert part.get_content().replace("\r\n", "\n") == (expected if expected.endswith("\n") else expected + "\n")
 
 
 @pytest.mark.parametrize(
