@@ -128,7 +128,7 @@ def _unavailable(failure: Failure) -> Failure:
         return failure
     log.warn("redis: {kind}: {text}", kind=type(failure.value).__name__, text=str(failure.value)[:200])
     err = ApiError.of("smtp_ratelimit_unavailable", retry_after=5)
-    err.__cause__ = SafeReason(_safe_reason(failure.value))
+    err.__cause__ = SafeReason(_safe_reason(failure.value or RuntimeError()))
     return Failure(err)
 
 
@@ -154,6 +154,7 @@ class MailcowRedis:
         self._write = self._connect(write) if write is not None and write != read else self._read
         self._script_sha: str | None = None
         self._bans: tuple[float, list[tuple[IPNetwork, float | None]]] | None = None
+        self._ban_waiters: list[Deferred[list[tuple[IPNetwork, float | None]]]] | None = None
 
     def _connect(self, url: RedisUrl) -> Any:
         return txredisapi.lazyConnectionPool(
@@ -223,14 +224,37 @@ class MailcowRedis:
             return False, None
         now = self.reactor.seconds()
         if self._bans is None or self.ban_cache_ttl <= 0 or now - self._bans[0] >= self.ban_cache_ttl:
-            active = await self._bounded(self._read.hgetall(F2B_ACTIVE_BANS))
-            permanent = await self._bounded(self._read.hgetall(F2B_PERM_BANS))
-            bans = _ban_networks(permanent or {}, now, True) + _ban_networks(active or {}, now, False)
-            self._bans = (now, bans)
-        for network, until in self._bans[1]:
+            bans = await self._refresh_bans(now)
+        else:
+            bans = self._bans[1]
+        for network, until in bans:
             if address.version == network.version and address in network:
                 return True, None if until is None else max(1, int(until - now + 0.999))
         return False, None
+
+    def _refresh_bans(self, now: float) -> Deferred[list[tuple[IPNetwork, float | None]]]:
+        """Read both ban lists once for every request that finds the cache stale at the same time."""
+        waiter: Deferred[list[tuple[IPNetwork, float | None]]] = Deferred()
+        if self._ban_waiters is None:
+            self._ban_waiters = []
+            ensureDeferred(self._load_bans(now)).addBoth(self._bans_loaded)
+        self._ban_waiters.append(waiter)
+        return waiter
+
+    def _bans_loaded(self, result: Any) -> None:
+        waiters, self._ban_waiters = self._ban_waiters or [], None
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    async def _load_bans(self, now: float) -> list[tuple[IPNetwork, float | None]]:
+        active = await self._bounded(self._read.hgetall(F2B_ACTIVE_BANS))
+        permanent = await self._bounded(self._read.hgetall(F2B_PERM_BANS))
+        bans = _ban_networks(permanent or {}, now, True) + _ban_networks(active or {}, now, False)
+        self._bans = (now, bans)
+        return bans
 
     # --------------------------------------------------------------------- writes
 

@@ -293,3 +293,36 @@ async def test_readiness_says_why_redis_fails(require_redis: None) -> None:
         assert "--redis" in text and "127.0.0.1" not in text and str(closed_port) not in text
     finally:
         await redis.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_requests_read_the_ban_lists_once(require_redis: None) -> None:
+    """Requests that find the ban cache stale together share one read of the two ban lists."""
+    raw = await connect()
+    redis, _ = store()
+    redis.ban_cache_ttl = 60
+    reads: list[str] = []
+    real = redis._read.hgetall
+
+    def counting(key: str) -> Any:
+        reads.append(key)
+        return real(key)
+
+    redis._read = attrs_proxy(redis._read, hgetall=counting)
+    try:
+        await raw[READ_DB].hset("F2B_PERM_BANS", "203.0.113.0/24", "1")
+        results = await DeferredList([_ban(redis) for _ in range(20)], consumeErrors=True)
+        assert all(ok for ok, _ in results) and reads == ["F2B_ACTIVE_BANS", "F2B_PERM_BANS"]
+        assert await redis.ban_for("203.0.113.5") == (True, None) and len(reads) == 2
+    finally:
+        await clean(raw, redis)
+
+
+class attrs_proxy:
+    """Another object's attributes, with some of them replaced."""
+
+    def __init__(self, inner: Any, **replaced: Any) -> None:
+        self._inner, self._replaced = inner, replaced
+
+    def __getattr__(self, name: str) -> Any:
+        return self._replaced.get(name) or getattr(self._inner, name)
