@@ -418,7 +418,7 @@ def render_report(summaries: Sequence[Mapping[str, Any]], baselines: Mapping[str
 
 def check_redis_url(text: str) -> Any:
     """The parsed ``--redis-url``; refused unless it names 127.0.0.1."""
-    from mailcow_smtp_api.config import ConfigError, parse_redis_url
+    from mailcow_smtp_api.core.config import ConfigError, parse_redis_url
 
     try:
         url = parse_redis_url(text, "redis-url")
@@ -550,7 +550,7 @@ class Setup:
 
 def make_setup() -> Setup:
     """A fresh login (so that no bucket or RL_VALUE field of an earlier run is reused) and two send keys."""
-    from mailcow_smtp_api.sendkeys import SendKey, new_key
+    from mailcow_smtp_api.core.sendkeys import SendKey, new_key
 
     from tests.twisted.fakes import GOOD_KEY
 
@@ -565,7 +565,7 @@ class FixedLimits:
     """A limit source that gives every login the same limit: the state database's part, without a database."""
 
     def __init__(self, text: str) -> None:
-        from mailcow_smtp_api.ratelimit import parse_limit
+        from mailcow_smtp_api.core.ratelimit import parse_limit
 
         self.limit = parse_limit(text)
 
@@ -609,7 +609,7 @@ def build_runner(variant: Variant, setup: Setup, reactor: Any, redis: Any) -> Ru
     """A ``SendService`` over the test fakes with this variant's abuse controls."""
     from mailcow_smtp_api.abuse import AbuseControls, LocalBuckets, no_limits
     from mailcow_smtp_api.service import Caller
-    from mailcow_smtp_api.validate import ParsePolicy, parse_request
+    from mailcow_smtp_api.core.validate import ParsePolicy, parse_request
 
     from tests.twisted.test_service import make as make_service
 
@@ -644,7 +644,7 @@ async def run_round(runner: Runner, requests: int, concurrency: int, deadline: f
     """
     from twisted.internet.defer import ensureDeferred, gatherResults
 
-    from mailcow_smtp_api.errors import ApiError
+    from mailcow_smtp_api.core.errors import ApiError
     from mailcow_smtp_api.service import Progress
 
     left = [requests]
@@ -672,7 +672,7 @@ async def measure(
     reactor: Any, options: argparse.Namespace, variants: Sequence[Variant], setup: Setup, snapshots: RedisClient, url: Any
 ) -> list[RoundResult]:
     """The warm-up round, then every round of every variant in turn."""
-    from mailcow_smtp_api.redisio import MailcowRedis
+    from mailcow_smtp_api.mailcow.redisio import MailcowRedis
 
     redis = MailcowRedis(reactor, url, prefix=options.redis_prefix, timeout=REDIS_TIMEOUT, ban_cache_ttl=options.ban_cache_ttl)
     setup.created_keys = bucket_keys(setup, redis)  # deleted at the end, whatever happens
@@ -762,7 +762,7 @@ def progress(text: str) -> None:
 def bucket_keys(setup: Setup, redis: Any) -> list[str]:
     """The Redis keys of every bucket this run can charge, as ``redis`` names them."""
     from mailcow_smtp_api.abuse import policies_for
-    from mailcow_smtp_api.ratelimit import parse_limit
+    from mailcow_smtp_api.core.ratelimit import parse_limit
 
     policies = policies_for(setup.login, SENDER_DOMAIN, parse_limit(HUGE_LIMIT), None, setup.rated_key)
     return [redis.bucket_key(policy) for policy in policies]

@@ -11,7 +11,7 @@ itself, before it builds or submits anything:
   it has none, the sender's domain) and against the send key's own rate, all or none;
 - every failed API key, send key or mailbox login is published for netfilter's default rule 1.
 
-The sources are Protocols: mailcow's Redis in production (redisio.py), the state database and
+The sources are Protocols: mailcow's Redis in production (mailcow/redisio.py), the state database and
 in-process buckets without it.
 """
 
@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 import attrs
 
-from .errors import ApiError
-from .ratelimit import Decision, Limit, MemoryBuckets, Policy, exempt
-from .sendkeys import SendKey
+from .core.errors import ApiError
+from .core.ratelimit import Decision, Limit, MemoryBuckets, Policy, exempt
+from .core.sendkeys import SendKey
 
 # netfilter-mailcow's default rule 1: 'mailcow UI: Invalid password for .+ by ([0-9a-f\.:]+)'.
 F2B_LINE = "mailcow UI: Invalid password for smtp-api:{who} by {ip}"

@@ -22,10 +22,10 @@ from typing import IO, Any
 import bcrypt
 import idna
 
-from . import db
-from .apikeys import ApiKey, normalise_key, parse_allow_from, split_allow_from
-from .config import OPTION_DEFAULTS, default_db_url, env_name
-from .senders import smtp_access_granted, split_owners
+from .mailcow import db
+from .core.apikeys import ApiKey, normalise_key, parse_allow_from, split_allow_from
+from .core.config import OPTION_DEFAULTS, default_db_url, env_name
+from .core.senders import smtp_access_granted, split_owners
 
 PROG = "smtpapi-admin"
 DEFAULT_STATE_DB = OPTION_DEFAULTS["state-db"]
@@ -165,8 +165,8 @@ class Admin:
     def state(self) -> tuple[Any, db.Dialect]:
         """The ``--state-db`` connection (send keys, embedded rate limits), opened on first use."""
         if self._state is None:
-            from .keystore import create_tables
-            from .state import connect_state_blocking
+            from .state.keys import create_tables
+            from .state.store import connect_state_blocking
 
             try:
                 conn, dialect = connect_state_blocking(self.state_url, mailcow_db=self.db_url)

@@ -11,10 +11,10 @@ import argparse
 from datetime import datetime, time, timezone
 from typing import Any
 
-from . import keystore
+from .state import keys as keystore
 from .cli import Admin, Failed, UsageError, allow_from_argument, domain_name, mailbox_address
-from .ratelimit import parse_limit
-from .sendkeys import SendKey, new_key, normalise_senders, valid_id
+from .core.ratelimit import parse_limit
+from .core.sendkeys import SendKey, new_key, normalise_senders, valid_id
 
 
 def parse_expiry(text: str) -> float:

@@ -14,14 +14,14 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from . import idempotency
+from .core import idempotency
 from .abuse import AbuseControls, no_limits, rate_limited
-from .apikeys import ip_in, parse_networks
-from .config import Config
-from .errors import API_AUTH_FAILED, ApiError, SmtpFailure, smtp_failure_to_api_error
-from .idempotency import Answer, Claim, Record, State, Verdict
-from .mime import build_message_parts, envelope_for, make_message_id
-from .model import (
+from .core.apikeys import ip_in, parse_networks
+from .core.config import Config
+from .core.errors import API_AUTH_FAILED, ApiError, SmtpFailure, smtp_failure_to_api_error
+from .core.idempotency import Answer, Claim, Record, State, Verdict
+from .core.mime import build_message_parts, envelope_for, make_message_id
+from .core.model import (
     Credentials,
     Envelope,
     MessageData,
@@ -30,10 +30,10 @@ from .model import (
     SmtpTarget,
     SubmitResult,
 )
-from .ratelimit import Decision
-from .responses import error_body
-from .sendkeys import SendKey, check_key, key_id_of, looks_like_send_key, parse_token
-from .senders import not_a_mailbox
+from .core.ratelimit import Decision
+from .core.responses import error_body
+from .core.sendkeys import SendKey, check_key, key_id_of, looks_like_send_key, parse_token
+from .core.senders import not_a_mailbox
 
 log = Logger(namespace="smtpapi.service")
 

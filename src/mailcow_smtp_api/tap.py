@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from .config import FLAGS, OPTION_DEFAULTS, Config, ConfigError, env_name, from_options, helo_name
+from .core.config import FLAGS, OPTION_DEFAULTS, Config, ConfigError, env_name, from_options, helo_name
 
 log = Logger(namespace="smtpapi")
 
@@ -139,7 +139,7 @@ def machine_helo_name() -> str:
 
 def json_logger() -> Any:
     """twistd --logger factory: JSON lines on standard output."""
-    from .logs import json_lines_observer
+    from .web.logs import json_lines_observer
 
     return json_lines_observer(sys.stdout)
 
@@ -151,19 +151,19 @@ def _now() -> datetime:
 def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     """Wire the database, SMTP client, password checks, throttle, service and HTTP site into one tree."""
     from .abuse import AbuseControls, LocalBuckets
-    from .cache import CachedDatabase
-    from .keystore import KeyStore
-    from .db import open_database
-    from .localauth import LocalPasswordVerifier
-    from .locallogin import LocalLogin
-    from .metrics import Metrics, MetricsResource
-    from .pool import SessionPool
-    from .idempotency import lease_seconds
+    from .mailcow.cache import CachedDatabase
+    from .state.keys import KeyStore
+    from .mailcow.db import open_database
+    from .mailcow.localauth import LocalPasswordVerifier
+    from .mailcow.locallogin import LocalLogin
+    from .web.metrics import Metrics, MetricsResource
+    from .smtp.pool import SessionPool
+    from .core.idempotency import lease_seconds
     from .service import IdempotentSends, SendService
-    from .smtp import SmtpSubmitter, TlsSettings
-    from .state import IdempotencyStore, StatePurger, open_state_runner
-    from .throttle import Throttle
-    from .web import ApiSite, SmtpApi, channel_factory, request_factory
+    from .smtp.client import SmtpSubmitter, TlsSettings
+    from .state.store import IdempotencyStore, StatePurger, open_state_runner
+    from .core.throttle import Throttle
+    from .web.api import ApiSite, SmtpApi, channel_factory, request_factory
 
     if not config.smtp_tls_verify:
         log.warn("TLS certificate verification towards postfix is OFF (--smtp-tls-no-verify): insecure")
@@ -186,7 +186,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     cached = CachedDatabase(database, reactor, ttl=config.db_cache_ttl)
     ready_checks: list[tuple[str, Any]] = [("database", database.ping)]
     if config.redis is not None:
-        from .redisio import MailcowRedis
+        from .mailcow.redisio import MailcowRedis
 
         redis = MailcowRedis(
             reactor,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mailcow_smtp_api import schema
+from mailcow_smtp_api.core import schema
 from tests.db.dbtesting import ScratchMariaDb, admin_connection, require_mariadb
 
 

@@ -15,8 +15,8 @@ import attrs
 import pymysql
 import pytest
 
-from mailcow_smtp_api import schema
-from mailcow_smtp_api.senders import DbState
+from mailcow_smtp_api.core import schema
+from mailcow_smtp_api.core.senders import DbState
 
 MARIADB_HOST = os.environ.get("SMTPAPI_TEST_MARIADB_HOST", "127.0.0.1")
 MARIADB_PORT = int(os.environ.get("SMTPAPI_TEST_MARIADB_PORT", "3306"))

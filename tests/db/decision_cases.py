@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import attrs
 
-from mailcow_smtp_api.senders import (
+from mailcow_smtp_api.core.senders import (
     Alias,
     AliasDomain,
     DbState,

@@ -16,10 +16,12 @@ from twisted.internet.protocol import connectionDone
 from twisted.protocols import portforward
 from twisted.python.failure import Failure
 
-from mailcow_smtp_api import db, schema
-from mailcow_smtp_api.apikeys import ApiKey
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.senders import Alias, DbState
+from mailcow_smtp_api.mailcow import db
+
+from mailcow_smtp_api.core import schema
+from mailcow_smtp_api.core.apikeys import ApiKey
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.core.senders import Alias, DbState
 from tests.db.dbtesting import (
     MARIADB_HOST,
     MARIADB_PORT,

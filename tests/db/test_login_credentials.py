@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from mailcow_smtp_api import db
+from mailcow_smtp_api.mailcow import db
 from tests.db.dbtesting import ScratchMariaDb
 
 ROWS: list[tuple[str, tuple[Any, ...]]] = [

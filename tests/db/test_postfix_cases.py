@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from mailcow_smtp_api import db
-from mailcow_smtp_api.senders import (
+from mailcow_smtp_api.mailcow import db
+from mailcow_smtp_api.core.senders import (
     Alias,
     AliasDomain,
     DbState,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-from mailcow_smtp_api import db
-from mailcow_smtp_api.readiness import reason
+from mailcow_smtp_api.mailcow import db
+from mailcow_smtp_api.core.readiness import reason
 from tests.db.dbtesting import MARIADB_HOST, MARIADB_PORT, ScratchMariaDb
 
 from .test_db_service import _closed_port, _failure_of, _reactor

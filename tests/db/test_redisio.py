@@ -17,10 +17,10 @@ import pytest_twisted
 import txredisapi
 from twisted.internet.defer import DeferredList
 
-from mailcow_smtp_api.config import RedisUrl
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.ratelimit import Limit, Policy
-from mailcow_smtp_api.redisio import MailcowRedis
+from mailcow_smtp_api.core.config import RedisUrl
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.core.ratelimit import Limit, Policy
+from mailcow_smtp_api.mailcow.redisio import MailcowRedis
 
 READ_DB, WRITE_DB = 11, 12
 MAILCOW_KEYS = ("RL_VALUE", "SMTP_LIMITED_ACCESS", "F2B_ACTIVE_BANS", "F2B_PERM_BANS")
@@ -280,7 +280,7 @@ async def test_only_the_documented_keys_and_commands_are_used(require_redis: Non
 @pytest_twisted.ensureDeferred
 async def test_readiness_says_why_redis_fails(require_redis: None) -> None:
     """/readyz's reason for a Redis that does not answer names the option to check, and no address."""
-    from mailcow_smtp_api.readiness import reason
+    from mailcow_smtp_api.core.readiness import reason
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -1,10 +1,10 @@
-"""Property: for random database states, the SQL of db.py decides exactly as the pure rule in senders.py.
+"""Property: for random database states, the SQL of mailcow/db.py decides exactly as the pure rule in core/senders.py.
 
 States mix a few domains, alias domains (active or not), mailboxes (active 0/1/2, resources, with or
 without smtp_access), aliases (catch-alls, active 0/1/2, sender_allowed 0/1, multi-goto lists with
 commas and white space, empty gotos, foreign ``domain`` columns), and sender_acl rows (addresses,
 ``@domain``, ``*``); names come in mixed case and with ``+tags``. Only ASCII without trailing
-spaces: the collations agree there (see senders.py).
+spaces: the collations agree there (see core/senders.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailcow_smtp_api import db
-from mailcow_smtp_api.senders import (
+from mailcow_smtp_api.mailcow import db
+from mailcow_smtp_api.core.senders import (
     Alias,
     AliasDomain,
     DbState,

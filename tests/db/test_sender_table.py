@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from mailcow_smtp_api import db
-from mailcow_smtp_api.senders import (
+from mailcow_smtp_api.mailcow import db
+from mailcow_smtp_api.core.senders import (
     SenderDecision,
     authorize,
     resolve_owners,

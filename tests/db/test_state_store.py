@@ -15,9 +15,9 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import DeferredList
 
-from mailcow_smtp_api import state
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.idempotency import Answer, Claim, State
+from mailcow_smtp_api.state import store as state
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.core.idempotency import Answer, Claim, State
 from tests.db.dbtesting import ScratchMariaDb
 
 NOW = 1_800_000_000.0

@@ -43,7 +43,7 @@ import pymysql  # type: ignore[import-untyped]
 import pytest
 from passlib import hash as passlib_hash  # type: ignore[import-untyped]
 
-from mailcow_smtp_api.schema import MARIADB_TABLES
+from mailcow_smtp_api.core.schema import MARIADB_TABLES
 
 HOST = "127.0.0.1"
 SUBMISSION_PORT = 10587  # like mailcow's 587: STARTTLS, then AUTH

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mailcow_smtp_api.schema import MARIADB_TABLES
+from mailcow_smtp_api.core.schema import MARIADB_TABLES
 from tests.twisted.smtp_kit import Pki
 
 from .conftest import API_KEY, HOST, PASSWORD, SENDER, SUBMISSION_PORT, Sidecar, Testbed, free_port

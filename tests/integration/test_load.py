@@ -28,7 +28,7 @@ from typing import Any, Self
 
 import pytest
 
-from mailcow_smtp_api.errors import CODES
+from mailcow_smtp_api.core.errors import CODES
 
 from .conftest import SUBMISSION_PORT, Sidecar, Testbed
 from .test_faults import (  # noqa: F401

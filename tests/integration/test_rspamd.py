@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from mailcow_smtp_api.mime import build_message, make_message_id
-from mailcow_smtp_api.validate import parse_request
+from mailcow_smtp_api.core.mime import build_message, make_message_id
+from mailcow_smtp_api.core.validate import parse_request
 
 from ..rspamd import Rspamd, running_rspamd
 

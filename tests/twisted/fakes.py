@@ -7,8 +7,8 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 
-from mailcow_smtp_api.errors import API_AUTH_FAILED, ApiError, SmtpFailure
-from mailcow_smtp_api.model import Credentials, Envelope, MessageData, RecipientResult, SmtpTarget, SubmitResult
+from mailcow_smtp_api.core.errors import API_AUTH_FAILED, ApiError, SmtpFailure
+from mailcow_smtp_api.core.model import Credentials, Envelope, MessageData, RecipientResult, SmtpTarget, SubmitResult
 
 GOOD_KEY = "AAAAAA-BBBBBB-CCCCCC-DDDDDD-EEEEEE"
 

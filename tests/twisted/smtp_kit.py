@@ -23,8 +23,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from mailcow_smtp_api.model import Credentials, Envelope, SmtpTarget
-from mailcow_smtp_api.smtp import SmtpSubmitter, TlsSettings
+from mailcow_smtp_api.core.model import Credentials, Envelope, SmtpTarget
+from mailcow_smtp_api.smtp.client import SmtpSubmitter, TlsSettings
 
 TIMEOUT = 10.0
 HELO = b"client.test"

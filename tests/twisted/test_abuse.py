@@ -14,13 +14,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailcow_smtp_api.abuse import AbuseControls, LocalBuckets, failure_line
-from mailcow_smtp_api.config import from_options
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.model import Security
-from mailcow_smtp_api.ratelimit import Limit, parse_limit
-from mailcow_smtp_api.sendkeys import SendKey, new_key
+from mailcow_smtp_api.core.config import from_options
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.core.model import Security
+from mailcow_smtp_api.core.ratelimit import Limit, parse_limit
+from mailcow_smtp_api.core.sendkeys import SendKey, new_key
 from mailcow_smtp_api.service import SendService
-from mailcow_smtp_api.web import SmtpApi
+from mailcow_smtp_api.web.api import SmtpApi
 
 from .fakes import GOOD_KEY, FakeKeys, FakeLocalAuth, FakeSenders, FakeSubmitter, FakeThrottle
 

@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
 
-from mailcow_smtp_api.linger import LINGER_BYTES, LINGER_SECONDS, Lingering
+from mailcow_smtp_api.web.linger import LINGER_BYTES, LINGER_SECONDS, Lingering
 from tests.unit.test_hostile_input import LIMIT, VALID, _channel, _head
 
 REQUEST_ID = re.compile(rb"\r\nX-Request-Id: ([0-9a-f]{16})\r\n", re.IGNORECASE)

@@ -9,10 +9,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailcow_smtp_api.apikeys import ApiKey
-from mailcow_smtp_api.cache import CachedDatabase
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.model import LoginCredentials
+from mailcow_smtp_api.core.apikeys import ApiKey
+from mailcow_smtp_api.mailcow.cache import CachedDatabase
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.core.model import LoginCredentials
 
 KEY = "AAAAAA-BBBBBB-CCCCCC-DDDDDD-EEEEEE"
 

@@ -9,10 +9,10 @@ import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailcow_smtp_api.errors import CODES, ApiError, SmtpFailure
-from mailcow_smtp_api.readiness import reason, smtp_reason
-from mailcow_smtp_api.senders import not_a_mailbox
-from mailcow_smtp_api.validate import parse_request
+from mailcow_smtp_api.core.errors import CODES, ApiError, SmtpFailure
+from mailcow_smtp_api.core.readiness import reason, smtp_reason
+from mailcow_smtp_api.core.senders import not_a_mailbox
+from mailcow_smtp_api.core.validate import parse_request
 
 from .fakes import Decision
 from .test_service import make, request

@@ -1,6 +1,6 @@
-"""Idempotency-Key through the HTTP shell in memory, over the real SQL of state.py on SQLite.
+"""Idempotency-Key through the HTTP shell in memory, over the real SQL of state/store.py on SQLite.
 
-The store runs state.py's blocking functions on an in-memory SQLite connection synchronously, so
+The store runs state/store.py's blocking functions on an in-memory SQLite connection synchronously, so
 every answer is available at once (``successResultOf``) while the claim, settle and release
 statements are the real ones. Time is a ``task.Clock``; SMTP is the recording fake submitter.
 """
@@ -18,11 +18,11 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailcow_smtp_api import state
-from mailcow_smtp_api.config import from_options
-from mailcow_smtp_api.db import SQLITE
-from mailcow_smtp_api.errors import API_AUTH_FAILED, ApiError, SmtpFailure
-from mailcow_smtp_api.idempotency import (
+from mailcow_smtp_api.state import store as state
+from mailcow_smtp_api.core.config import from_options
+from mailcow_smtp_api.mailcow.db import SQLITE
+from mailcow_smtp_api.core.errors import API_AUTH_FAILED, ApiError, SmtpFailure
+from mailcow_smtp_api.core.idempotency import (
     Answer,
     Claim,
     Record,
@@ -30,7 +30,7 @@ from mailcow_smtp_api.idempotency import (
     fingerprint,
     scope_of,
 )
-from mailcow_smtp_api.model import (
+from mailcow_smtp_api.core.model import (
     Credentials,
     Envelope,
     MessageData,
@@ -39,7 +39,7 @@ from mailcow_smtp_api.model import (
     SubmitResult,
 )
 from mailcow_smtp_api.service import IdempotentSends, SendService
-from mailcow_smtp_api.web import SmtpApi
+from mailcow_smtp_api.web.api import SmtpApi
 
 from .fakes import GOOD_KEY, FakeSenders, FakeSubmitter, FakeThrottle, joined
 
@@ -68,7 +68,7 @@ class TwoKeys:
 
 @attrs.define
 class SqliteNowStore:
-    """state.py's SQL on one SQLite connection, run at once; ``down`` makes every call fail."""
+    """state/store.py's SQL on one SQLite connection, run at once; ``down`` makes every call fail."""
 
     conn: sqlite3.Connection = attrs.field(factory=lambda: sqlite3.connect(":memory:", isolation_level=None))
     down: bool = False

@@ -17,11 +17,11 @@ from datetime import datetime, timezone
 
 import pytest
 
-from mailcow_smtp_api import idempotency
-from mailcow_smtp_api.mime import build_message_parts
-from mailcow_smtp_api.smtp import message_pieces, stuffed_chunks
-from mailcow_smtp_api.validate import ParsePolicy
-from mailcow_smtp_api.web import RequestBody, parse_body
+from mailcow_smtp_api.core import idempotency
+from mailcow_smtp_api.core.mime import build_message_parts
+from mailcow_smtp_api.smtp.client import message_pieces, stuffed_chunks
+from mailcow_smtp_api.core.validate import ParsePolicy
+from mailcow_smtp_api.web.api import RequestBody, parse_body
 
 MB = 1024 * 1024
 POLICY = ParsePolicy(max_recipients=10, max_attachments=10, password_optional=lambda port: False)
@@ -88,7 +88,7 @@ def test_a_large_attachment_is_parsed_built_and_streamed_under_three_times_its_s
 @pytest.mark.parametrize("content", ["QQ", "QQ=", "=QQ==", "QQ==QQ==", "QQ==\n", "QQ== ", "Q\u00e9=="])
 def test_attachment_content_must_be_strict_base64(content: str) -> None:
     """Missing or misplaced padding, data after padding, white space and non-ASCII are refused."""
-    from mailcow_smtp_api.errors import ApiError
+    from mailcow_smtp_api.core.errors import ApiError
 
     raw = json.dumps(
         {"from": "sender@example.com", "to": ["r@example.com"], "subject": "s", "body": "b", "password": "pw",
@@ -103,7 +103,7 @@ def test_bodies_up_to_a_mebibyte_are_buffered_in_memory_larger_and_chunked_ones_
     """Twisted's own switch to a temporary file is at 100,000 bytes; ours is at MEMORY_BODY."""
     from twisted.web.test.requesthelper import DummyChannel
 
-    from mailcow_smtp_api.web import MEMORY_BODY, request_factory
+    from mailcow_smtp_api.web.api import MEMORY_BODY, request_factory
 
     kinds = {}
     for length in (10, 200_000, MEMORY_BODY, MEMORY_BODY + 1, None):

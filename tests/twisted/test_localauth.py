@@ -17,9 +17,9 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.localauth import LocalPasswordVerifier, SuccessCache, check_any
-from mailcow_smtp_api.passwords import UnsupportedScheme, verify_password
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.mailcow.localauth import LocalPasswordVerifier, SuccessCache, check_any
+from mailcow_smtp_api.core.passwords import UnsupportedScheme, verify_password
 
 LOGIN = "user@example.org"
 

@@ -8,9 +8,9 @@ import attrs
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.locallogin import LocalLogin
-from mailcow_smtp_api.model import LoginCredentials
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.mailcow.locallogin import LocalLogin
+from mailcow_smtp_api.core.model import LoginCredentials
 
 
 @attrs.define

@@ -9,9 +9,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailcow_smtp_api.errors import SmtpFailure
-from mailcow_smtp_api.model import Credentials, Envelope, RecipientResult, SmtpTarget, SubmitResult
-from mailcow_smtp_api.pool import SessionPool
+from mailcow_smtp_api.core.errors import SmtpFailure
+from mailcow_smtp_api.core.model import Credentials, Envelope, RecipientResult, SmtpTarget, SubmitResult
+from mailcow_smtp_api.smtp.pool import SessionPool
 
 TARGET = SmtpTarget("127.0.0.1", 10587)
 ALICE = Credentials("alice@example.org", "pw-a")

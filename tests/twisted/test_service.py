@@ -9,10 +9,10 @@ import attrs
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailcow_smtp_api.config import from_options
-from mailcow_smtp_api.errors import ApiError, SmtpFailure
+from mailcow_smtp_api.core.config import from_options
+from mailcow_smtp_api.core.errors import ApiError, SmtpFailure
 from mailcow_smtp_api.service import Caller, SendService
-from mailcow_smtp_api.validate import ParsePolicy, parse_request
+from mailcow_smtp_api.core.validate import ParsePolicy, parse_request
 
 from .fakes import GOOD_KEY, FakeKeys, FakeLocalAuth, FakeSenders, FakeSubmitter, FakeThrottle
 

@@ -19,9 +19,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from mailcow_smtp_api.errors import SmtpFailure, smtp_failure_to_api_error
-from mailcow_smtp_api.model import Credentials, Envelope, Security, SmtpTarget
-from mailcow_smtp_api.smtp import (
+from mailcow_smtp_api.core.errors import SmtpFailure, smtp_failure_to_api_error
+from mailcow_smtp_api.core.model import Credentials, Envelope, Security, SmtpTarget
+from mailcow_smtp_api.smtp.client import (
     Reply,
     SmtpSubmitter,
     TlsSettings,

@@ -11,9 +11,9 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailcow_smtp_api.config import from_options
+from mailcow_smtp_api.core.config import from_options
 from mailcow_smtp_api.service import SendService
-from mailcow_smtp_api.web import SmtpApi, shield
+from mailcow_smtp_api.web.api import SmtpApi, shield
 
 from .fakes import GOOD_KEY, FakeKeys, FakeSenders, FakeSubmitter, FakeThrottle
 
@@ -152,7 +152,7 @@ def test_the_send_route_gets_only_its_own_log_line(monkeypatch: pytest.MonkeyPat
     from twisted.web.resource import Resource
     from twisted.web.test.requesthelper import DummyRequest
 
-    from mailcow_smtp_api import web
+    from mailcow_smtp_api.web import api as web
 
     twisted_lines: list[bytes] = []
     ours: list[tuple[Any, ...]] = []

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailcow_smtp_api.apikeys import (
+from mailcow_smtp_api.core.apikeys import (
     ApiKey,
     authenticate,
     client_address,
@@ -16,7 +16,7 @@ from mailcow_smtp_api.apikeys import (
     normalise_key,
     parse_allow_from,
 )
-from mailcow_smtp_api.errors import ApiError
+from mailcow_smtp_api.core.errors import ApiError
 
 KEY = "ABCDEF-012345-6789AB-CDEF01-234567"
 OTHER = "111111-222222-333333-444444-555555"

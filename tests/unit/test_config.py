@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mailcow_smtp_api.config import ConfigError, from_options, mailcow_db_url, parse_allow
-from mailcow_smtp_api.model import Security, SmtpTarget
+from mailcow_smtp_api.core.config import ConfigError, from_options, mailcow_db_url, parse_allow
+from mailcow_smtp_api.core.model import Security, SmtpTarget
 
 
 def test_defaults() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mailcow_smtp_api.config import default_db_url
-from mailcow_smtp_api.config import mailcow_db_url as url_from_environ
-from mailcow_smtp_api.db import MysqlUrl, SqliteUrl, parse_db_url
+from mailcow_smtp_api.core.config import default_db_url
+from mailcow_smtp_api.core.config import mailcow_db_url as url_from_environ
+from mailcow_smtp_api.mailcow.db import MysqlUrl, SqliteUrl, parse_db_url
 
 
 @pytest.mark.parametrize(

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mailcow_smtp_api.apikeys import client_address
-from mailcow_smtp_api.config import Config, from_options
+from mailcow_smtp_api.core.apikeys import client_address
+from mailcow_smtp_api.core.config import Config, from_options
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"

@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mailcow_smtp_api.config import FLAGS, OPTION_DEFAULTS, Config, env_name
-from mailcow_smtp_api.errors import CODES
-from mailcow_smtp_api.model import Security
-from mailcow_smtp_api.openapi import document
+from mailcow_smtp_api.core.config import FLAGS, OPTION_DEFAULTS, Config, env_name
+from mailcow_smtp_api.core.errors import CODES
+from mailcow_smtp_api.core.model import Security
+from mailcow_smtp_api.core.openapi import document
 from mailcow_smtp_api.tap import _HELP
 
 README = (Path(__file__).parents[2] / "README.md").read_text()

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from mailcow_smtp_api.errors import CODES, ApiError, SmtpFailure, smtp_failure_to_api_error
-from mailcow_smtp_api.model import RecipientResult, SubmitResult
-from mailcow_smtp_api.responses import error_body, success_body
-from mailcow_smtp_api.validate import parse_request
+from mailcow_smtp_api.core.errors import CODES, ApiError, SmtpFailure, smtp_failure_to_api_error
+from mailcow_smtp_api.core.model import RecipientResult, SubmitResult
+from mailcow_smtp_api.core.responses import error_body, success_body
+from mailcow_smtp_api.core.validate import parse_request
 
 NOT_OWNED = "5.7.1 <x@example.org>: Sender address rejected: not owned by user user1@example.org"
 

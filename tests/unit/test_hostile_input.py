@@ -32,13 +32,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from mailcow_smtp_api import validate
-from mailcow_smtp_api.config import Config, from_options
-from mailcow_smtp_api.errors import CODES
-from mailcow_smtp_api.linger import LINGER_SECONDS
+from mailcow_smtp_api.core import validate
+from mailcow_smtp_api.core.config import Config, from_options
+from mailcow_smtp_api.core.errors import CODES
+from mailcow_smtp_api.web.linger import LINGER_SECONDS
 from mailcow_smtp_api.service import SendService
-from mailcow_smtp_api.smtp import data_payload, message_pieces, stuffed_chunks
-from mailcow_smtp_api.web import ApiSite, LimitedRequest, SmtpApi, channel_factory, request_factory
+from mailcow_smtp_api.smtp.client import data_payload, message_pieces, stuffed_chunks
+from mailcow_smtp_api.web.api import ApiSite, LimitedRequest, SmtpApi, channel_factory, request_factory
 from tests.twisted.fakes import GOOD_KEY, FakeKeys, FakeSubmitter
 
 URL = "http://sidecar.test/api/v1/send/email"
@@ -1164,7 +1164,7 @@ def test_fuzzed_bytes_are_coded(raw: bytes) -> None:
 def test_auth_data_quoted_back_by_the_server_never_reaches_an_answer(phase: str) -> None:
     """A server that quotes the AUTH PLAIN line (or the password) in a reply after AUTH: the failure's
     text, its recipient replies and the success text carry '[redacted]' instead."""
-    from mailcow_smtp_api.errors import SmtpFailure
+    from mailcow_smtp_api.core.errors import SmtpFailure
     from tests.twisted.smtp_kit import CREDENTIALS, PASSWORD, PLAIN_BLOB, Conversation
 
     quoted = b" you sent AUTH PLAIN " + PLAIN_BLOB + b" = " + PASSWORD.encode("utf-8")

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from mailcow_smtp_api.config import ConfigError, from_options
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.idempotency import (
+from mailcow_smtp_api.core.config import ConfigError, from_options
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.core.idempotency import (
     Answer,
     Claim,
     Record,

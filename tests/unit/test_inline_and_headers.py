@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.mime import LINE_LIMIT, build_message, fold_items, longest_line
-from mailcow_smtp_api.validate import OWNED_HEADERS, cid_references, header_owned
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.core.mime import LINE_LIMIT, build_message, fold_items, longest_line
+from mailcow_smtp_api.core.validate import OWNED_HEADERS, cid_references, header_owned
 
 from .test_mime import request
 

@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 
-from mailcow_smtp_api import cli, keystore
+from mailcow_smtp_api import cli
+
+from mailcow_smtp_api.state import keys as keystore
 from mailcow_smtp_api.keyadmin import parse_expiry
-from mailcow_smtp_api.sendkeys import parse_token, secret_matches
-from mailcow_smtp_api.state import SQLITE
+from mailcow_smtp_api.core.sendkeys import parse_token, secret_matches
+from mailcow_smtp_api.state.store import SQLITE
 
 from .test_cli import Run
 
@@ -116,7 +118,7 @@ def test_embedded_limits_are_read_for_login_and_domain(tmp_path: Path) -> None:
     """The embedded limit source answers the login's and the domain's limit in one query."""
     conn = sqlite3.connect(tmp_path / "x.sqlite", isolation_level=None)
     keystore.create_tables(conn, SQLITE)
-    from mailcow_smtp_api.ratelimit import Limit
+    from mailcow_smtp_api.core.ratelimit import Limit
 
     keystore.set_limit(conn, SQLITE, "Example.org", Limit(5, 60))
     assert keystore.fetch_limits(conn, SQLITE, "user@example.org", "EXAMPLE.org") == (None, Limit(5, 60))

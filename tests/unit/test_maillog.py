@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from mailcow_smtp_api.maillog import (
+from mailcow_smtp_api.core.maillog import (
     Accepted,
     Delivery,
     Expired,

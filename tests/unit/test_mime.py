@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.mime import (
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.core.mime import (
     LINE_LIMIT,
     build_message,
     build_message_parts,
@@ -22,8 +22,8 @@ from mailcow_smtp_api.mime import (
     longest_line,
     make_message_id,
 )
-from mailcow_smtp_api.model import CleanPieces
-from mailcow_smtp_api.validate import parse_request
+from mailcow_smtp_api.core.model import CleanPieces
+from mailcow_smtp_api.core.validate import parse_request
 
 DATE = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
 

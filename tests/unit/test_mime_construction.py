@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.mime import attachment_encoding, transfer_encoding
-from mailcow_smtp_api.validate import parse_address
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.core.mime import attachment_encoding, transfer_encoding
+from mailcow_smtp_api.core.validate import parse_address
 
 from .test_mime import build, request
 

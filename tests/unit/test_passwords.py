@@ -14,7 +14,7 @@ import unicodedata
 import bcrypt
 import pytest
 
-from mailcow_smtp_api.passwords import (
+from mailcow_smtp_api.core.passwords import (
     MAX_PASSWORD_BYTES,
     UnsupportedScheme,
     hash_password_blf,
@@ -498,6 +498,6 @@ def test_doveadm_accepts_hash_password_blf() -> None:
 
 def test_passwords_module_does_not_import_twisted() -> None:
     """The password core is pure: importing it loads no Twisted module."""
-    code = "import sys, mailcow_smtp_api.passwords; print([m for m in sys.modules if m.split('.')[0] == 'twisted'])"
+    code = "import sys, mailcow_smtp_api.core.passwords; print([m for m in sys.modules if m.split('.')[0] == 'twisted'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailcow_smtp_api.ratelimit import (
+from mailcow_smtp_api.core.ratelimit import (
     Limit,
     MemoryBuckets,
     Policy,

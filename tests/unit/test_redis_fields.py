@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mailcow_smtp_api.abuse import failure_line
-from mailcow_smtp_api.redisio import _ban_networks, allow_list_fields
+from mailcow_smtp_api.mailcow.redisio import _ban_networks, allow_list_fields
 
 
 def test_allow_list_fields_are_the_address_and_every_mask() -> None:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from mailcow_smtp_api.senders import (
+from mailcow_smtp_api.core.senders import (
     Alias,
     DbState,
     Domain,
@@ -218,7 +218,7 @@ def test_authorize_over_in_memory_rows() -> None:
 def test_pure_core_modules_do_not_import_twisted() -> None:
     """senders, apikeys and throttle load without Twisted (the pure core stays pure)."""
     code = (
-        "import sys; import mailcow_smtp_api.senders, mailcow_smtp_api.apikeys, mailcow_smtp_api.throttle; "
+        "import sys; import mailcow_smtp_api.core.senders, mailcow_smtp_api.core.apikeys, mailcow_smtp_api.core.throttle; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('twisted', 'pymysql', 'sqlite3')); "
         "print(bad); sys.exit(1 if bad else 0)"
     )

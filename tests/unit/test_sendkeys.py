@@ -5,8 +5,8 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.sendkeys import (
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.core.sendkeys import (
     SendKey,
     check_key,
     key_id_of,

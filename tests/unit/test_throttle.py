@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from mailcow_smtp_api.throttle import Throttle
+from mailcow_smtp_api.core.throttle import Throttle
 
 CLIENT = "198.51.100.7"
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailcow_smtp_api.errors import ApiError
-from mailcow_smtp_api.validate import ParsePolicy, parse_address, parse_json, parse_request
+from mailcow_smtp_api.core.errors import ApiError
+from mailcow_smtp_api.core.validate import ParsePolicy, parse_address, parse_json, parse_request
 
 
 def base(**changes: Any) -> dict[str, Any]:

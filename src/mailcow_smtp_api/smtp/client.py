@@ -54,9 +54,9 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from .errors import SmtpFailure
-from .mime import crlf_only, normalise_crlf
-from .model import CleanPieces, Credentials, Envelope, MessageData, RecipientResult, Security, SmtpTarget, SubmitResult
+from ..core.errors import SmtpFailure
+from ..core.mime import crlf_only, normalise_crlf
+from ..core.model import CleanPieces, Credentials, Envelope, MessageData, RecipientResult, Security, SmtpTarget, SubmitResult
 
 _T = TypeVar("_T")
 

@@ -1,7 +1,7 @@
 """The sidecar's own state database: idempotency records, on SQLite or a shared MariaDB database.
 
 ``--state-db`` takes the same URL forms as ``--db`` (``sqlite:PATH``, ``mysql://...``) and reuses
-db.py's URL parsing, connection arguments, ping and query runner. It must not name mailcow's
+mailcow/db.py's URL parsing, connection arguments, ping and query runner. It must not name mailcow's
 database: the sidecar never writes there. The table ``smtpapi_idempotency`` is created on first use.
 
 The claim is one INSERT on the primary key (scope, idempotency key): the database, not this
@@ -23,7 +23,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .db import (
+from ..mailcow.db import (
     MARIADB,
     SQLITE,
     Conflict,
@@ -36,8 +36,8 @@ from .db import (
     parse_db_url,
     query_rows,
 )
-from .errors import ApiError
-from .idempotency import Answer, Claim, Record, State
+from ..core.errors import ApiError
+from ..core.idempotency import Answer, Claim, Record, State
 
 log = Logger(namespace="smtpapi.state")
 T = TypeVar("T")
@@ -115,7 +115,7 @@ def create_table(conn: Any, dialect: Dialect) -> None:
 
 
 def execute(conn: Any, dialect: Dialect, sql: str, params: dict[str, Any] | None = None) -> int:
-    """Run one statement; the number of rows it changed. Driver errors become db.py's exceptions."""
+    """Run one statement; the number of rows it changed. Driver errors become mailcow/db.py's exceptions."""
     with driver_errors():
         cursor = conn.cursor()
         try:
@@ -304,7 +304,7 @@ def open_state_runner(
         dialect = SQLITE
     else:
         args = mysql_connect_args(parsed, max(1.0, timeout * 0.6))
-        # db.py opens mailcow's database read-only; this database is the sidecar's own.
+        # mailcow/db.py opens mailcow's database read-only; this database is the sidecar's own.
         args.pop("init_command", None)
         pool = adbapi.ConnectionPool("pymysql", cp_reconnect=True, **args, **common)
         dialect = MARIADB

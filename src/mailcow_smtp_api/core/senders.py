@@ -3,7 +3,7 @@
 postfix-mailcow rejects a sender the authenticated login does not own
 (``reject_authenticated_sender_login_mismatch`` with the SQL "sender login map" that mailcow writes
 to ``mysql_virtual_sender_acl.cf``). This module states that map, and the login's own validity, in
-plain Python so that a decision can be explained and so that the SQL in ``db.py`` can be checked
+plain Python so that a decision can be explained and so that the SQL in ``mailcow/db.py`` can be checked
 against it for any database state. Pure core: stdlib and attrs only.
 
 Comparisons: mailcow's MariaDB compares with ``utf8mb4_general_ci`` and the embedded SQLite with
@@ -295,7 +295,7 @@ class OwnerLookup:
 def resolve_owners(sender: str, fetch: Callable[[LookupKey], Iterable[Grant]]) -> OwnerLookup:
     """Run postfix's lookup for ``sender`` with ``fetch(key) -> grants``: full key, then without ``+tag``.
 
-    ``fetch`` is the pure rule over a ``DbState`` or the SQL in ``db.py``; both share this driver.
+    ``fetch`` is the pure rule over a ``DbState`` or the SQL in ``mailcow/db.py``; both share this driver.
     It must return only non-empty values (see :func:`grants_from_rows`): an empty answer is "not
     found", and only "not found" leads to the retry (mail_addr_find).
     """

@@ -4,7 +4,7 @@ The only module that imports pymysql, sqlite3 and twisted.enterprise.adbapi. It 
 
 - the ``--db`` URL (``mysql://USER:PASS@HOST:PORT/NAME``, ``mysql://USER:PASS@/NAME?unix_socket=PATH``,
   ``sqlite:PATH``) and mailcow.conf's ``DBHOST``/``DBUSER``/``DBPASS``/``DBNAME`` fallback;
-- the SQL of mailcow's sender login map in both dialects (it must agree with ``senders.py`` for
+- the SQL of mailcow's sender login map in both dialects (it must agree with ``core/senders.py`` for
   every database state; the tests check that);
 - blocking functions over one DB-API connection, shared by the service's adbapi pool and by the
   admin command;
@@ -32,12 +32,12 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import schema
-from .apikeys import ApiKey, authenticate, normalise_key
-from .errors import API_AUTH_FAILED, ApiError
-from .model import LoginCredentials
-from .readiness import SafeReason
-from .senders import (
+from ..core import schema
+from ..core.apikeys import ApiKey, authenticate, normalise_key
+from ..core.errors import API_AUTH_FAILED, ApiError
+from ..core.model import LoginCredentials
+from ..core.readiness import SafeReason
+from ..core.senders import (
     Domain,
     Grant,
     LookupKey,
@@ -160,7 +160,7 @@ SQLITE = Dialect("sqlite", " COLLATE NOCASE")
 def owner_sql(d: Dialect) -> str:
     """mailcow's sender login map for one key (:k = %s, :u = %u, :d = %d), with provenance.
 
-    Mirrors ``mysql_virtual_sender_acl.cf`` part by part (see senders.py): A picks one alias row
+    Mirrors ``mysql_virtual_sender_acl.cf`` part by part (see core/senders.py): A picks one alias row
     (exact address, else the catch-all, both with active IN (1,2) and sender_allowed = 1) and keeps
     it only if active = 1, sender_allowed = 1 and its domain is an active domain or alias domain; B
     keeps mailcow's ``a OR b OR c OR d OR e AND f`` precedence; C maps alias domains to mailboxes.

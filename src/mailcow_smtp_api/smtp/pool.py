@@ -33,8 +33,8 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .errors import SmtpFailure
-from .model import Credentials, Envelope, MessageData, Security, SmtpTarget, SubmitResult
+from ..core.errors import SmtpFailure
+from ..core.model import Credentials, Envelope, MessageData, Security, SmtpTarget, SubmitResult
 
 log = Logger(namespace="smtpapi.pool")
 

@@ -27,11 +27,11 @@ from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .apikeys import IPNetwork, parse_ip
-from .config import RedisUrl
-from .errors import ApiError
-from .readiness import SafeReason
-from .ratelimit import Decision, Limit, Policy, admitted_as, judge, parse_limit
+from ..core.apikeys import IPNetwork, parse_ip
+from ..core.config import RedisUrl
+from ..core.errors import ApiError
+from ..core.readiness import SafeReason
+from ..core.ratelimit import Decision, Limit, Policy, admitted_as, judge, parse_limit
 
 log = Logger(namespace="smtpapi.redis")
 

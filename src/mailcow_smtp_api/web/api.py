@@ -22,19 +22,19 @@ from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from . import idempotency
-from .apikeys import client_address
-from .errors import ApiError
-from .idempotency import Answer
+from ..core import idempotency
+from ..core.apikeys import client_address
+from ..core.errors import ApiError
+from ..core.idempotency import Answer
 from .linger import Lingering
 from .metrics import Metrics
-from .model import SendRequest
-from .openapi import document as openapi_document
-from .readiness import reason as failure_reason
-from .responses import error_body, success_body
-from .ratelimit import policy_header, ratelimit_header
-from .service import Caller, Completion, IdempotentSends, Progress, SendOutcome, SendService
-from .validate import ParsePolicy, decode_body, parse_json_text, parse_request
+from ..core.model import SendRequest
+from ..core.openapi import document as openapi_document
+from ..core.readiness import reason as failure_reason
+from ..core.responses import error_body, success_body
+from ..core.ratelimit import policy_header, ratelimit_header
+from ..service import Caller, Completion, IdempotentSends, Progress, SendOutcome, SendService
+from ..core.validate import ParsePolicy, decode_body, parse_json_text, parse_request
 
 log = Logger(namespace="smtpapi")
 

@@ -15,9 +15,9 @@ from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 
-from .apikeys import ApiKey, authenticate, normalise_key
-from .errors import API_AUTH_FAILED, ApiError
-from .model import LoginCredentials
+from ..core.apikeys import ApiKey, authenticate, normalise_key
+from ..core.errors import API_AUTH_FAILED, ApiError
+from ..core.model import LoginCredentials
 
 T = TypeVar("T")
 

@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
-from .cache import TtlCache
-from .db import MARIADB, Dialect, MailcowDatabase, driver_errors, query_rows
-from .ratelimit import Limit, parse_limit
-from .sendkeys import SendKey
-from .state import execute
+from ..mailcow.cache import TtlCache
+from ..mailcow.db import MARIADB, Dialect, MailcowDatabase, driver_errors, query_rows
+from ..core.ratelimit import Limit, parse_limit
+from ..core.sendkeys import SendKey
+from .store import execute
 
 T = TypeVar("T")
 

@@ -30,8 +30,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from .errors import ApiError
-from .passwords import UnsupportedScheme, verify_password
+from ..core.errors import ApiError
+from ..core.passwords import UnsupportedScheme, verify_password
 
 DEFAULT_CACHE_TTL = 300.0  # dovecot's auth_cache_ttl in mailcow
 DEFAULT_CACHE_SIZE = 10_000

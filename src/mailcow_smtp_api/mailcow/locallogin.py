@@ -13,8 +13,8 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .errors import ApiError
-from .model import LoginCredentials
+from ..core.errors import ApiError
+from ..core.model import LoginCredentials
 
 log = Logger(namespace="smtpapi.locallogin")
 

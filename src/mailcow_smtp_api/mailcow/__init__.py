@@ -1,0 +1,1 @@
+"""mailcow's side: its database (read only), password checks, the read cache, and its Redis."""

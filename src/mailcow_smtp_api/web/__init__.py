@@ -1,0 +1,1 @@
+"""The HTTP shell: Klein routes, request limits, rendering, logs and metrics."""
