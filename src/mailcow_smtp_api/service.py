@@ -138,6 +138,18 @@ def _size(request: SendRequest) -> int:
 
 
 @attrs.frozen
+class Prepared:
+    """A request that passed every check, with its built message, ready to hand over."""
+
+    request: SendRequest
+    target: SmtpTarget
+    credentials: Credentials | None
+    envelope: Envelope
+    message_id: str
+    message: MessageData
+
+
+@attrs.frozen
 class SendOutcome:
     """A message the SMTP server accepted, and how."""
 
@@ -247,21 +259,24 @@ class SendService:
             )
         return target
 
-    async def send(
+    async def prepare(
         self,
         request: SendRequest,
         client_ip: str,
         request_id: str = "",
         progress: Progress | None = None,
         caller: Caller | None = None,
-    ) -> SendOutcome:
-        """Authorize, build and submit ``request``; fail with an ``ApiError``.
+        plain_only: bool = False,
+    ) -> Prepared:
+        """Run every check on ``request`` and build its message; fail with an ``ApiError``.
 
+        ``plain_only``: the message will be handed over later, on a plain target, with no
+        password at hand (the outbox): a password given is verified here, as on port 25.
         The caller's ``message_id`` is used when given (it was validated), else one is made up.
         """
         key = caller.send_key if caller is not None else None
         request = self.bind(request, caller)
-        target = self.target_for(request, key)
+        target = self.later_target(request) if plain_only else self.target_for(request, key)
         credentials: Credentials | None = None
         if request.password is None and key is None:
             await self._trusted_internal(target, request, client_ip)
@@ -282,16 +297,48 @@ class SendService:
 
         # Building megabytes of MIME (base64 of the attachments) must not stall the reactor.
         message = await self.offload(build) if self.offload is not None and _size(request) > BUILD_OFFLOAD_BYTES else build()
+        return Prepared(request, target, credentials, envelope, message_id, message)
+
+    async def send(
+        self,
+        request: SendRequest,
+        client_ip: str,
+        request_id: str = "",
+        progress: Progress | None = None,
+        caller: Caller | None = None,
+    ) -> SendOutcome:
+        """Authorize, build and submit ``request`` now; fail with an ``ApiError``."""
+        prepared = await self.prepare(request, client_ip, request_id, progress, caller)
         if progress is not None:
             progress.reached_smtp = True
+        target = prepared.target
         try:
-            result = await self.submitter.submit(target, credentials, envelope, message)
+            result = await self.submitter.submit(target, prepared.credentials, prepared.envelope, prepared.message)
         except SmtpFailure as failure:
             err = smtp_failure_to_api_error(failure, target.address)
             if err.code == "smtp_auth_failed":
-                self._failed(client_ip, request.login)
+                self._failed(client_ip, prepared.request.login)
             raise err from None
-        return SendOutcome(request=request, target=target, envelope=envelope, message_id=message_id, result=result)
+        return SendOutcome(
+            request=prepared.request, target=target, envelope=prepared.envelope, message_id=prepared.message_id, result=result
+        )
+
+    def later_target(self, request: SendRequest) -> SmtpTarget:
+        """Where the outbox will hand the message over: a plain target, the request's or the operator's."""
+        if request.smtp_host is None and request.smtp_port is None:
+            plain = self.config.plain_target
+            if plain is None:
+                raise ApiError.of("smtp_async_unavailable")
+            return plain
+        target = self.target_for(request)
+        if target.security is not Security.PLAIN:
+            raise ApiError.of(
+                "smtp_async_unavailable",
+                f"{target} uses {target.security.value}: Prefer: respond-async hands messages over on a plain target "
+                "only (no password is stored); leave smtp_host/smtp_port out",
+                field="smtp_port",
+            )
+        return target
 
     def bind(self, request: SendRequest, caller: Caller | None) -> SendRequest:
         """The request as it is sent: with a send key, as the key's login (refused outside its scope)."""

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.application import service as app_service
 from twisted.application import strports
 from twisted.application.service import IServiceMaker
+from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python import usage
@@ -75,6 +76,20 @@ _HELP = {
     "redis-timeout": "seconds to wait for each Redis answer",
     "smtp-helo": "name the sidecar gives in EHLO: a host name, or an IP address (sent as an address literal). "
     "Default: MAILCOW_HOSTNAME from the environment when set, else the machine's fully qualified name",
+    "outbox-max-messages": "most messages the outbox holds (accepted with Prefer: respond-async and not yet handed to "
+    "postfix); a full outbox answers 503 smtp_outbox_full with Retry-After",
+    "outbox-max-bytes": "most bytes of message data the outbox holds; beyond, 503 smtp_outbox_full",
+    "outbox-lifetime": "seconds the outbox keeps trying to hand a message to postfix before it is failed",
+    "max-schedule": "how far ahead send_at may lie, in seconds",
+    "status-ttl": "seconds a message's status record is kept after its last change",
+    "postfix-log": "where delivery results come from: redis (mailcow's POSTFIX_MAILLOG, needs --redis) or "
+    "file:PATH (a postfix log file); default: none (status ends at submitted, and a message whose hand-over "
+    "was cut off stays unknown)",
+    "webhook-url": "operator's URL for delivery events (submitted, delivered, deferred, bounced, failed), signed with "
+    "HMAC-SHA256; https:// only, or http:// to a host in --webhook-allow-hosts",
+    "webhook-secret": "the HMAC-SHA256 key of webhook signatures (at least 16 characters); needed with --webhook-url",
+    "webhook-allow-hosts": "hosts (comma separated) --webhook-url may name with plain http://",
+    "webhook-timeout": "seconds to wait for the webhook receiver's answer",
 }
 
 
@@ -159,6 +174,10 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     from .web.metrics import Metrics, MetricsResource
     from .smtp.pool import SessionPool
     from .core.idempotency import lease_seconds
+    from .core.outbox import Limits, outbox_lease
+    from .delivery import Outbox
+    from .state.outbox import OutboxStore
+    from .web.later import Later
     from .service import IdempotentSends, SendService
     from .smtp.client import SmtpSubmitter, TlsSettings
     from .state.store import IdempotencyStore, StatePurger, open_state_runner
@@ -247,6 +266,21 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         # Greeting, TLS (with certificate checks) and EHLO on the default target; no AUTH, no mail.
         return submitter.open_session(config.default_target, None).addCallback(lambda session: session.quit())
 
+    outbox = Outbox(
+        store=OutboxStore(state_runner),
+        submitter=pool,
+        clock=reactor,
+        new_token=lambda: secrets.token_hex(16),
+        limits=Limits(
+            max_messages=config.outbox_max_messages,
+            max_bytes=config.outbox_max_bytes,
+            lifetime=config.outbox_lifetime,
+            max_schedule=config.max_schedule,
+            status_ttl=config.status_ttl,
+        ),
+        lease=outbox_lease(config.smtp_timeout),
+    )
+    OutboxService(outbox, reactor).setServiceParent(top)
     ready_checks += [("postfix", postfix_ready), ("state", state.ping)]
     if config.redis is not None:
         ready_checks.append(("redis", redis.ping))
@@ -264,6 +298,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
             ttl=config.idempotency_ttl,
             lease=lease_seconds(config.smtp_timeout, config.max_recipients),
         ),
+        outbox=Later(outbox),
     )
     site = ApiSite(api.resource())
     site.trusted_proxies = config.trusted_proxies
@@ -315,6 +350,38 @@ class RedisService(app_service.Service):
         """Close the connections."""
         super().stopService()
         return self.redis.close()
+
+
+class OutboxService(app_service.Service):
+    """Runs the outbox: a delivery round every second, the purge of old status records every 5 minutes."""
+
+    def __init__(self, outbox: Any, clock: Any, interval: float = 1.0, purge_interval: float = 300.0) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self.outbox = outbox
+        self._rounds = LoopingCall(outbox.tick)
+        self._rounds.clock = clock
+        self._purges = LoopingCall(self._purge)
+        self._purges.clock = clock
+        self.interval = interval
+        self.purge_interval = purge_interval
+
+    def startService(self) -> None:
+        """Start delivering (also what an earlier process left in the outbox)."""
+        super().startService()
+        self._rounds.start(self.interval, now=True)
+        self._purges.start(self.purge_interval, now=False)
+
+    def stopService(self) -> Any:
+        """Stop starting rounds; a handover in flight finishes or is resolved by the next process."""
+        super().stopService()
+        for loop in (self._rounds, self._purges):
+            if loop.running:
+                loop.stop()
+
+    def _purge(self) -> Any:
+        d = ensureDeferred(self.outbox.purge())
+        return d.addErrback(lambda f: log.warn("outbox: purge failed ({kind})", kind=type(f.value).__name__))
 
 
 class PoolService(app_service.Service):

@@ -353,6 +353,9 @@ WRONG_TYPES: dict[str, tuple[list[Any], set[str]]] = {
                           {"url": "https://example.org/u\r\nBcc: x@evil.example"}, {"mailto": "not an address"},
                           {"url": "https://example.org/u", "other": 1}, {"url": "javascript:alert(1)"}],
                          {"smtp_invalid_list_unsubscribe"}),
+    # Well-formed times are refused too here: send_at needs Prefer: respond-async.
+    "send_at": (_NOT_A_STRING + ["", "tomorrow", "2027-01-31", "2027-01-31T09:00:00", "2027-02-30T09:00:00Z",
+                                 "2027-01-31T09:00:00Z\r\nX: y", "2027-01-31T09:00:00Z"], {"smtp_invalid_send_at"}),
 }
 
 
@@ -1089,6 +1092,7 @@ FIELD_STRATEGIES: dict[str, Any] = {
         ),
         json_junk,
     ),
+    "send_at": st.one_of(st.sampled_from(["2027-01-31T09:00:00Z", "2027-01-31T09:00:00+01:00"]), hostile_text, json_junk),
 }
 
 

@@ -17,7 +17,7 @@ import pytest
 
 PACKAGE = Path(__file__).parents[2] / "src" / "mailcow_smtp_api"
 FORBIDDEN = ("twisted", "klein", "treq", "pymysql", "sqlite3", "socket", "OpenSSL", "txredisapi", "prometheus_client")
-USE_CASE = ("service", "abuse")
+USE_CASE = ("service", "abuse", "delivery")
 ADAPTERS = ("mailcow", "smtp", "state", "web")
 WIRING = ("tap", "cli", "keyadmin")
 

@@ -104,6 +104,16 @@ class Config:
     redis_timeout: float = 2.0
     # The EHLO name; None: the machine's fully qualified name, found when the process is wired.
     smtp_helo: str | None = None
+    outbox_max_messages: int = 10_000
+    outbox_max_bytes: int = 1024 * 1024 * 1024
+    outbox_lifetime: float = 24 * 3600.0
+    max_schedule: float = 7 * 24 * 3600.0
+    status_ttl: float = 7 * 24 * 3600.0
+    postfix_log: str | None = None  # None, "redis" or "file:PATH"
+    webhook_url: str | None = None
+    webhook_secret: str | None = attrs.field(default=None, repr=False)
+    webhook_allow_hosts: tuple[str, ...] = ()
+    webhook_timeout: float = 10.0
 
     @property
     def default_target(self) -> SmtpTarget:
@@ -160,7 +170,17 @@ OPTION_DEFAULTS: dict[str, str | None] = {
     "redis-master": None,  # None: REDIS_SLAVEOF_IP/REDIS_SLAVEOF_PORT from mailcow.conf, else --redis itself
     "redis-prefix": _DEFAULTS.redis_prefix,
     "redis-timeout": str(int(_DEFAULTS.redis_timeout)),
-    "smtp-helo": None,  # None: MAILCOW_HOSTNAME from the environment, else the machine's FQDN
+    "smtp-helo": None,
+    "outbox-max-messages": str(_DEFAULTS.outbox_max_messages),
+    "outbox-max-bytes": str(_DEFAULTS.outbox_max_bytes),
+    "outbox-lifetime": str(int(_DEFAULTS.outbox_lifetime)),
+    "max-schedule": str(int(_DEFAULTS.max_schedule)),
+    "status-ttl": str(int(_DEFAULTS.status_ttl)),
+    "postfix-log": None,
+    "webhook-url": None,
+    "webhook-secret": None,
+    "webhook-allow-hosts": "",
+    "webhook-timeout": str(int(_DEFAULTS.webhook_timeout)),  # None: MAILCOW_HOSTNAME from the environment, else the machine's FQDN
 }
 FLAGS = ("smtp-tls-no-verify",)
 
@@ -314,6 +334,36 @@ def _flag(options: Mapping[str, object], environ: Mapping[str, str], name: str) 
     return environ.get(env_name(name), "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _postfix_log(value: str | None, have_redis: bool) -> str | None:
+    """``redis`` (mailcow's POSTFIX_MAILLOG, needs --redis) or ``file:PATH``; empty is none."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if value == "redis":
+        if not have_redis:
+            raise ConfigError("--postfix-log redis needs --redis")
+        return value
+    if value.startswith("file:") and len(value) > len("file:"):
+        return value
+    raise ConfigError("--postfix-log must be redis or file:PATH")
+
+
+def _webhook_url(value: str | None, allowed_hosts: tuple[str, ...]) -> str | None:
+    """An https:// URL, or http(s) to a host in --webhook-allow-hosts; never caller input."""
+    from urllib.parse import urlsplit
+
+    value = (value or "").strip()
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.username or parts.password:
+        raise ConfigError("--webhook-url must be an https:// URL without credentials in it")
+    host = parts.hostname.lower()
+    if parts.scheme != "https" and host not in allowed_hosts:
+        raise ConfigError("--webhook-url: plain http:// only to a host listed in --webhook-allow-hosts")
+    return value
+
+
 def from_options(options: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Config:
     """Build and validate the configuration; raise ConfigError with a one-line reason."""
     environ = os.environ if environ is None else environ
@@ -357,6 +407,11 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
     if not _PREFIX.fullmatch(prefix):
         # Lower case keeps it apart from mailcow's own keys (RL_VALUE, F2B_*, rspamd's RL buckets).
         raise ConfigError("--redis-prefix must be lower-case letters, digits, '_', '.', '-' ending in ':' (e.g. smtpapi:)")
+    webhook_hosts = tuple(_host(h, "webhook-allow-hosts") for h in re.split(r"[,\s]+", (text["webhook-allow-hosts"] or "").strip()) if h)
+    webhook_url = _webhook_url(text["webhook-url"], webhook_hosts)
+    webhook_secret = (text["webhook-secret"] or "").strip() or None
+    if webhook_url is not None and (webhook_secret is None or len(webhook_secret) < 16):
+        raise ConfigError("--webhook-url needs --webhook-secret of at least 16 characters (the HMAC-SHA256 key)")
     return Config(
         redis=redis,
         redis_master=redis_master,
@@ -388,6 +443,16 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         # At least a minute (a retry must find its record), at most a year.
         idempotency_ttl=_float(text["idempotency-ttl"] or "", "idempotency-ttl", 60.0, 365 * 24 * 3600.0),
         smtp_helo=_helo_option(text["smtp-helo"], environ),
+        outbox_max_messages=_int(text["outbox-max-messages"] or "", "outbox-max-messages", 1, 10_000_000),
+        outbox_max_bytes=_int(text["outbox-max-bytes"] or "", "outbox-max-bytes", 1024 * 1024, 1024**4),
+        outbox_lifetime=_float(text["outbox-lifetime"] or "", "outbox-lifetime", 60.0, 30 * 24 * 3600.0),
+        max_schedule=_float(text["max-schedule"] or "", "max-schedule", 0.0, 365 * 24 * 3600.0),
+        status_ttl=_float(text["status-ttl"] or "", "status-ttl", 60.0, 365 * 24 * 3600.0),
+        postfix_log=_postfix_log(text["postfix-log"], redis is not None),
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+        webhook_allow_hosts=webhook_hosts,
+        webhook_timeout=_float(text["webhook-timeout"] or "", "webhook-timeout", 1.0, 300.0),
     )
 
 

@@ -72,6 +72,15 @@ CODES: dict[str, tuple[int, str]] = {
         403,
         "sending with a send key and no password needs a plain (port 25) target in --smtp-allow",
     ),
+    # the outbox: accept now, deliver when postfix can (Prefer: respond-async), and status
+    "smtp_outbox_full": (503, "the outbox is full (--outbox-max-messages / --outbox-max-bytes); retry after Retry-After"),
+    "smtp_async_unavailable": (
+        409,
+        "Prefer: respond-async needs a plain (port 25) target in --smtp-allow to deliver on; send without it",
+    ),
+    "smtp_invalid_send_at": (400, "send_at must be an RFC 3339 time, not in the past, at most --max-schedule ahead"),
+    "smtp_status_not_found": (404, "no message with this id for this key (or its status record has expired)"),
+    "smtp_not_cancelable": (409, "the message was already handed to postfix (or ended) and cannot be canceled"),
     "smtp_internal_error": (500, "an unexpected error occurred; the request id is in the log"),
     "not_found": (404, "no such route"),
     "method_not_allowed": (405, "this route does not accept that method"),

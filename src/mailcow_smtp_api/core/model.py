@@ -149,6 +149,7 @@ class SendRequest:
     in_reply_to: str | None = None
     references: tuple[str, ...] = ()
     list_unsubscribe: ListUnsubscribe | None = None
+    send_at: float | None = None  # unix seconds; only with Prefer: respond-async
 
     def recipients(self) -> tuple[Address, ...]:
         """Every to/cc/bcc address once, first occurrence wins, compared case-insensitively."""

@@ -96,6 +96,12 @@ def _send_request_schema() -> dict[str, Any]:
                 "description": "References: message ids oldest first (an array, or one string separated by spaces). "
                 "Without it, in_reply_to alone is also written as References.",
             },
+            "send_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "Only with Prefer: respond-async: hand the message to postfix at this RFC 3339 time "
+                "(with its zone), at most --max-schedule ahead.",
+            },
             "list_unsubscribe": {
                 "type": ["object", "null"],
                 "additionalProperties": False,
@@ -194,6 +200,7 @@ def document() -> dict[str, Any]:
                     "description": "[smtp_mail_sent, from, to list]; or [smtp_partially_sent, from, accepted, refused]",
                 },
                 "message_id": {"type": "string", "description": "The Message-ID header of the message."},
+                "id": {"type": "string", "description": "The id of the message's status record (GET /api/v1/send/status/{id})."},
                 "queue_id": {"type": ["string", "null"], "description": "postfix's queue id ('queued as')."},
                 "recipients": {
                     "type": "array",
@@ -214,6 +221,61 @@ def document() -> dict[str, Any]:
                     "description": "Only with smtp_partially_sent: recipients postfix refused; the others got the message.",
                 },
             },
+        },
+    }
+    accepted = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["type", "log", "msg", "id", "status", "message_id"],
+            "properties": {
+                "type": {"const": "success"},
+                "log": {"type": "array"},
+                "msg": {"type": "array", "prefixItems": [{"const": "smtp_mail_accepted"}], "description": "[smtp_mail_accepted, from, to list]"},
+                "id": {"type": "string"},
+                "status": {"enum": ["queued", "scheduled"]},
+                "message_id": {"type": "string"},
+                "send_at": {"type": ["number", "null"], "description": "unix seconds"},
+            },
+        },
+    }
+    fate = {
+        "type": "object",
+        "properties": {
+            "address": {"type": "string"},
+            "status": {"enum": ["pending", "sent", "deferred", "bounced", "expired", "undeliverable", "refused"]},
+            "dsn": {"type": "string"},
+            "relay": {"type": "string"},
+            "text": {"type": "string", "description": "postfix's text, or the reply at submission"},
+            "time": {"type": ["number", "null"], "description": "unix seconds of postfix's log line"},
+        },
+    }
+    attempt = {
+        "type": "object",
+        "properties": {
+            "at": {"type": "number"},
+            "outcome": {"enum": ["submitted", "retry", "failed", "unknown", "proven_not_taken"]},
+            "smtp_code": {"type": ["integer", "null"]},
+            "smtp_text": {"type": "string"},
+            "queue_id": {"type": ["string", "null"]},
+        },
+    }
+    status_record = {
+        "type": "object",
+        "required": ["id", "status", "message_id", "recipients", "attempts"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"enum": ["scheduled", "queued", "sending", "submitted", "delivered", "deferred", "bounced", "failed", "canceled", "unknown"]},
+            "message_id": {"type": "string"},
+            "from": {"type": "string"},
+            "queue_id": {"type": ["string", "null"], "description": "postfix's queue id once it took the message"},
+            "created_at": {"type": "number"},
+            "send_at": {"type": ["number", "null"]},
+            "updated_at": {"type": "number"},
+            "recipients": {"type": "array", "items": fate},
+            "attempts": {"type": "array", "items": attempt},
+            "request_id": {"type": "string", "description": "this request's id"},
+            "key": {"type": "string", "description": "the kind of key used: api_key or send_key:<id>"},
         },
     }
     send_headers = {
@@ -280,6 +342,15 @@ def document() -> dict[str, Any]:
                     "security": [{"apiKey": []}],
                     "parameters": [
                         {
+                            "name": "Prefer",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "respond-async (RFC 7240): answer 202 once the message is stored in the "
+                            "outbox, after every check; it is delivered when postfix can. Without it, the send is "
+                            "synchronous.",
+                        },
+                        {
                             "name": IDEMPOTENCY_HEADER,
                             "in": "header",
                             "required": False,
@@ -304,9 +375,41 @@ def document() -> dict[str, Any]:
                             "headers": send_headers,
                             "content": {"application/json": {"schema": success}},
                         },
+                        "202": {
+                            "description": "Prefer: respond-async: every check passed and the message is stored in the "
+                            "outbox; it is handed to postfix when postfix can (or at send_at)",
+                            "headers": {
+                                **send_headers,
+                                "Preference-Applied": {"schema": {"const": "respond-async"}, "description": "RFC 7240."},
+                                "Location": {"schema": {"type": "string"}, "description": "/api/v1/send/status/{id}"},
+                            },
+                            "content": {"application/json": {"schema": accepted}},
+                        },
                         **error_responses,
                     },
                 }
+            },
+            "/api/v1/send/status/{id}": {
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "get": {
+                    "operationId": "messageStatus",
+                    "security": [{"apiKey": []}],
+                    "description": "What became of a message sent with this key (synchronously or not).",
+                    "responses": {
+                        "200": {"description": "the message's status", "content": {"application/json": {"schema": status_record}}},
+                        "404": {"description": "smtp_status_not_found", "content": {"application/json": {"schema": _error_list(["smtp_status_not_found"])}}},
+                    },
+                },
+                "delete": {
+                    "operationId": "cancelMessage",
+                    "security": [{"apiKey": []}],
+                    "description": "Cancel a message that has not been handed to postfix yet (scheduled or queued).",
+                    "responses": {
+                        "200": {"description": "canceled; its status record", "content": {"application/json": {"schema": status_record}}},
+                        "404": {"description": "smtp_status_not_found", "content": {"application/json": {"schema": _error_list(["smtp_status_not_found"])}}},
+                        "409": {"description": "smtp_not_cancelable", "content": {"application/json": {"schema": _error_list(["smtp_not_cancelable"])}}},
+                    },
+                },
             },
             "/healthz": {
                 "get": {

@@ -9,6 +9,7 @@ import binascii
 import functools
 import json
 import re
+from datetime import datetime
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
@@ -31,11 +32,13 @@ class ParsePolicy:
     password_optional: Callable[[int | None], bool] = attrs.field(default=lambda port: False, eq=False)
 
 
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{1,9})?([Zz]|[+-]\d\d:\d\d)")
+
 KNOWN_FIELDS = frozenset(
     {
         "from", "to", "cc", "bcc", "reply_to", "subject", "body", "html_body", "attachments",
         "smtp_host", "smtp_port", "smtp_user", "password", "app_password",
-        "headers", "message_id", "in_reply_to", "references", "list_unsubscribe",
+        "headers", "message_id", "in_reply_to", "references", "list_unsubscribe", "send_at",
     }
 )
 ATTACHMENT_FIELDS = frozenset({"filename", "content", "content_type", "content_id", "disposition"})
@@ -552,6 +555,23 @@ def _password(obj: Mapping[str, Any], port: int | None, policy: ParsePolicy) -> 
     return secret
 
 
+def _optional_send_at(obj: dict[str, Any]) -> float | None:
+    """``send_at``: an RFC 3339 time with its zone (``2027-01-31T09:00:00Z``), as unix seconds.
+
+    Whether it lies in the allowed window depends on the clock: the outbox checks that.
+    """
+    value = obj.get("send_at")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        _fail("smtp_invalid_send_at", "send_at", "send_at must be an RFC 3339 time with a zone, e.g. 2027-01-31T09:00:00Z")
+    try:
+        moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:
+        _fail("smtp_invalid_send_at", "send_at", "send_at is not a valid time")
+    return moment.timestamp()
+
+
 def parse_request(obj: dict[str, Any], policy: ParsePolicy | None = None) -> SendRequest:
     """Turn a decoded JSON object into a ``SendRequest`` or raise the ``ApiError`` for the first bad field."""
     policy = policy or ParsePolicy()
@@ -601,4 +621,5 @@ def parse_request(obj: dict[str, Any], policy: ParsePolicy | None = None) -> Sen
         in_reply_to=_optional_message_id(obj, "in_reply_to"),
         references=_references(obj),
         list_unsubscribe=list_unsubscribe,
+        send_at=_optional_send_at(obj),
     )

@@ -26,6 +26,7 @@ from ..core import idempotency
 from ..core.apikeys import client_address
 from ..core.errors import ApiError
 from ..core.idempotency import Answer
+from .later import Later, accepted_body, accepted_id, prefers_async
 from .linger import Lingering
 from .metrics import Metrics
 from ..core.model import SendRequest
@@ -373,6 +374,8 @@ class SmtpApi:
     # Runs a callable in a worker thread (tap: a small dedicated pool); None runs everything inline.
     offload: Callable[[Callable[[], Any]], Deferred[Any]] | None = None
     idempotency: IdempotentSends | None = None
+    # The outbox (Prefer: respond-async, status records); None: synchronous sends only, no status.
+    outbox: Later | None = None
 
     app = Klein()
 
@@ -417,6 +420,9 @@ class SmtpApi:
             request.setHeader("Retry-After", str(answer.retry_after))
         if replayed:
             request.setHeader(idempotency.REPLAYED_HEADER, "true")
+        if answer.status == 202:
+            request.setHeader("Preference-Applied", "respond-async")
+            request.setHeader("Location", f"/api/v1/send/status/{accepted_id(answer.body)}")
         rate = run.progress.rate
         if rate is not None and rate.buckets and not replayed:
             # draft-ietf-httpapi-ratelimit-headers: the quota in recipients, what is left, when it resets.
@@ -448,9 +454,10 @@ class SmtpApi:
             run.parsed = await self._parse_off_reactor(request, body, client_ip, run.caller)
             # Answers and logs show the request as sent: a send key's as the key's login.
             run.parsed = self.service.bind(run.parsed, run.caller)
-            run.outcome = await self.service.send(run.parsed, client_ip, request_id, progress, run.caller)
-            sent = success_body(run.parsed, run.outcome.result, run.outcome.message_id, request_id, run.key)
-            answer = Answer(200, "smtp_partially_sent" if run.outcome.result.refused else "smtp_mail_sent", sent)
+            if prefers_async(request):
+                answer = await self._later(request, client_ip, request_id, run)
+            else:
+                answer = await self._now(request, client_ip, request_id, run)
         except ApiError as err:
             answer = _error_answer(err, run, request_id)
             outcome_unknown = bool((err.detail or {}).get("outcome_unknown"))
@@ -458,6 +465,62 @@ class SmtpApi:
             log.failure("unexpected error in request {request_id}", request_id=request_id)
             answer = _error_answer(ApiError.of("smtp_internal_error"), run, request_id)
         return Completion(answer, idempotency.settled_state(progress.reached_smtp, answer, outcome_unknown))
+
+    async def _now(self, request: IRequest, client_ip: str, request_id: str, run: _Run) -> Answer:
+        """Send at once; the answer gains the id of the message's status record."""
+        assert run.parsed is not None
+        if run.parsed.send_at is not None:
+            raise ApiError.of("smtp_invalid_send_at", "send_at needs the header Prefer: respond-async", field="send_at")
+        run.outcome = await self.service.send(run.parsed, client_ip, request_id, run.progress, run.caller)
+        sent = success_body(run.parsed, run.outcome.result, run.outcome.message_id, request_id, run.key)
+        if self.outbox is not None:
+            status_id = await self.outbox.record_sent(run.outcome, request.getHeader("x-api-key"), request_id)
+            if status_id is not None:
+                sent[0]["id"] = status_id
+        return Answer(200, "smtp_partially_sent" if run.outcome.result.refused else "smtp_mail_sent", sent)
+
+    async def _later(self, request: IRequest, client_ip: str, request_id: str, run: _Run) -> Answer:
+        """Prefer: respond-async (RFC 7240): every check now, then 202 once the message is stored."""
+        if self.outbox is None:
+            raise ApiError.of("smtp_async_unavailable", "this server keeps no outbox")
+        assert run.parsed is not None
+        self.outbox.check_send_at(run.parsed.send_at)
+        prepared = await self.service.prepare(run.parsed, client_ip, request_id, run.progress, run.caller, plain_only=True)
+        # From here the message may be stored: a repeat with the same Idempotency-Key gets this answer.
+        run.progress.reached_smtp = True
+        accepted = await self.outbox.accept(prepared, request.getHeader("x-api-key"), request_id)
+        return Answer(202, "smtp_mail_accepted", accepted_body(prepared, accepted, request_id, run.key))
+
+    @app.route("/api/v1/send/status/<string:message>", methods=["GET", "DELETE"])
+    def message_status(self, request: IRequest, message: str) -> Deferred[bytes]:
+        """GET /api/v1/send/status/{id}: what became of a message; DELETE cancels one not yet handed over."""
+        request_id = getattr(request, "request_id", None) or secrets.token_hex(8)
+        return ensureDeferred(self._status(request, message, request_id))
+
+    async def _status(self, request: IRequest, message: str, request_id: str) -> bytes:
+        try:
+            caller = await self.service.authenticate(request.getHeader("x-api-key"), self._client_ip(request))
+            if self.outbox is None:
+                raise ApiError.of("smtp_status_not_found", "this server keeps no status records", field="id")
+            raw_key = request.getHeader("x-api-key")
+            if request.method == b"DELETE":
+                found = await self.outbox.cancel(message, raw_key)
+            else:
+                found = await self.outbox.status(message, raw_key)
+            request.setHeader("Content-Type", "application/json")
+            request.setHeader("X-Request-Id", request_id)
+            setattr(request, "answer_code", "smtp_status")
+            return _json_bytes({**found, "request_id": request_id, "key": caller.label})
+        except ApiError as err:
+            if err.bare:
+                request.setResponseCode(err.status)
+                request.setHeader("Content-Type", "application/json")
+                setattr(request, "answer_code", err.code)
+                return _json_bytes(error_body(err, None, request_id))
+            return _route_error(request, err)
+        except Exception:
+            log.failure("unexpected error in request {request_id}", request_id=request_id)
+            return _route_error(request, ApiError.of("smtp_internal_error"))
 
     def _count(self, status: int, code: str, body: Any, started: float, replayed: bool = False) -> None:
         """Metrics for one send: request counter, latency, SMTP outcome, auth and database failures.
