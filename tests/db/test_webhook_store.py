@@ -97,7 +97,7 @@ def test_enqueue_joins_the_callers_transaction_and_never_commits(blocking: tuple
     queue.create_tables(conn, dialect)  # again: nothing happens
 
     _begin(conn, dialect)
-    assert queue.enqueue(conn, dialect, event(1), NOW + LIFETIME) is True
+    assert queue.enqueue(conn, dialect, event(1), NOW + LIFETIME) is None
     assert queue.fetch_event(conn, dialect, "evt_token-000001") is not None  # visible inside
     _sql(conn, dialect, "ROLLBACK")
     assert queue.fetch_event(conn, dialect, "evt_token-000001") is None
@@ -109,13 +109,14 @@ def test_enqueue_joins_the_callers_transaction_and_never_commits(blocking: tuple
 
 
 def test_the_same_event_queued_twice_is_kept_once(blocking: tuple[Any, Dialect]) -> None:
-    """A second enqueue with the same event id changes nothing and says so; the first body stays."""
+    """A second enqueue with the same event id changes nothing (insert_event says so); the first body stays."""
     conn, dialect = blocking
     queue.create_tables(conn, dialect)
     first = event(1, message={"id": "msg_1", "state": "delivered", "n": 1})
     again = event(1, at=NOW + 5, message={"id": "msg_1", "state": "delivered", "n": 2})
-    assert queue.enqueue(conn, dialect, first, NOW + LIFETIME) is True
-    assert queue.enqueue(conn, dialect, again, NOW + LIFETIME) is False
+    queue.enqueue(conn, dialect, first, NOW + LIFETIME)
+    queue.enqueue(conn, dialect, again, NOW + LIFETIME)  # no error: the same event reported again
+    assert queue.insert_event(conn, dialect, again, NOW + LIFETIME) is False
     claimed = queue.claim_due(conn, dialect, NOW + 10, LEASE, "claim-a", 10)
     assert [json.loads(body)["message"]["n"] for _, body, _ in claimed] == [1]
 

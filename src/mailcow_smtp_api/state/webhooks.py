@@ -141,12 +141,18 @@ def create_tables(conn: Any, dialect: Dialect) -> None:
         execute(conn, dialect, statement)
 
 
-def enqueue(conn: Any, dialect: Dialect, event: WebhookEvent, give_up_at: float) -> bool:
-    """Queue ``event``, due at once, to be tried until ``give_up_at``; False when it was queued already.
+def enqueue(conn: Any, dialect: Dialect, event: WebhookEvent, give_up_at: float) -> None:
+    """Queue ``event``, due at once, to be tried until ``give_up_at``; an event with the same id
+    queued before is kept as it is (the same event reported twice is posted once).
 
     Runs as one INSERT on ``conn`` inside whatever transaction the caller has open: no commit, no
     table creation. ``ValueError`` for a message JSON cannot hold (nothing is written then).
     """
+    insert_event(conn, dialect, event, give_up_at)
+
+
+def insert_event(conn: Any, dialect: Dialect, event: WebhookEvent, give_up_at: float) -> bool:
+    """``enqueue``, saying whether the event is new (False: its id was queued already)."""
     params = {
         "id": event.event_id,
         "type": event.type,
@@ -157,11 +163,11 @@ def enqueue(conn: Any, dialect: Dialect, event: WebhookEvent, give_up_at: float)
     return execute(conn, dialect, _INSERT + _IGNORE_DUPLICATE[dialect.name], params) == 1
 
 
-def enqueuer(lifetime: float) -> Callable[[Any, Dialect, WebhookEvent], bool]:
+def enqueuer(lifetime: float) -> Callable[[Any, Dialect, WebhookEvent], None]:
     """``enqueue`` with ``give_up_at`` = the event's time + ``lifetime`` seconds, for the outbox's hook."""
 
-    def enqueue_event(conn: Any, dialect: Dialect, event: WebhookEvent) -> bool:
-        return enqueue(conn, dialect, event, event.created_at + lifetime)
+    def enqueue_event(conn: Any, dialect: Dialect, event: WebhookEvent) -> None:
+        enqueue(conn, dialect, event, event.created_at + lifetime)
 
     return enqueue_event
 
@@ -275,8 +281,9 @@ class WebhookStore:
         self._ready = False
 
     def enqueue(self, event: WebhookEvent, give_up_at: float) -> Deferred[bool]:
-        """Queue one event on its own (the outbox queues its events in its own transactions instead)."""
-        return self._run(lambda conn: enqueue(conn, self.dialect, event, give_up_at))
+        """Queue one event on its own (the outbox queues its events in its own transactions instead);
+        fire False when an event with its id was queued already."""
+        return self._run(lambda conn: insert_event(conn, self.dialect, event, give_up_at))
 
     def claim_due(self, now: float, lease_seconds: float, token: str, limit: int) -> Deferred[list[tuple[str, bytes, int]]]:
         """Claim due events for this dispatcher: (event_id, payload, attempts so far)."""
