@@ -41,6 +41,7 @@ SMTP_ALLOW_NETS = "SMTP_ALLOW_NETS_"
 F2B_ACTIVE_BANS = "F2B_ACTIVE_BANS"
 F2B_PERM_BANS = "F2B_PERM_BANS"
 F2B_CHANNEL = "F2B_CHANNEL"
+POSTFIX_MAILLOG = "POSTFIX_MAILLOG"
 
 # KEYS: the buckets. ARGV[1]: recipients to add; then per bucket its size and its window in ms.
 # The time is Redis's own, so replicas on hosts whose clocks differ still share one bucket.
@@ -255,6 +256,11 @@ class MailcowRedis:
         bans = _ban_networks(permanent or {}, now, True) + _ban_networks(active or {}, now, False)
         self._bans = (now, bans)
         return bans
+
+    def maillog(self, count: int) -> Deferred[list[bytes]]:
+        """The ``count`` newest entries of ``POSTFIX_MAILLOG`` (postfix's log lines as JSON), newest first."""
+        d = self._bounded(self._read.lrange(POSTFIX_MAILLOG, 0, count - 1))
+        return d.addCallback(lambda values: [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values or []])
 
     # --------------------------------------------------------------------- writes
 
