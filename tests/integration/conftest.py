@@ -28,10 +28,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
@@ -926,6 +928,129 @@ def redis_db() -> Iterator[RedisClient]:
     finally:
         _empty_test_db(client)
         client.close()
+
+
+# ------------------------------------------------------------------------------ postfix's log in Redis
+
+# The postfix-log tests' own Redis database (11 to 14 belong to other tests; never 0).
+POSTFIX_LOG_DB = 15
+POSTFIX_MAILLOG = "POSTFIX_MAILLOG"
+LOG_LINES = 9999  # mailcow's default length of that list (LOG_LINES in mailcow.conf)
+_LOG_FILE_LINE = re.compile(
+    r"(?P<stamp>[A-Z][a-z]{2} [ 0-3]\d \d\d:\d\d:\d\d) \S+ (?P<program>[^\s\[:]+)(?:\[\d+\])?: (?P<message>.*)"
+)
+
+
+def mailcow_log_entry(line: str, year: int) -> str | None:
+    """A line of a postfix log file as mailcow's syslog-ng LPUSHes it onto ``POSTFIX_MAILLOG``.
+
+    mailcow's template is ``$(format-json time="$S_UNIXTIME" priority="$PRIORITY"
+    program="$PROGRAM" message="$MESSAGE")\\n``: every value a string, the text after
+    ``program[pid]: `` as the message, and a newline after the JSON. None for a line of another shape.
+    """
+    match = _LOG_FILE_LINE.fullmatch(line)
+    if match is None:
+        return None
+    when = datetime.strptime(f"{year} {match['stamp']}", "%Y %b %d %H:%M:%S").replace(tzinfo=timezone.utc)
+    entry = {"time": str(int(when.timestamp())), "priority": "info", "program": match["program"], "message": match["message"]}
+    return json.dumps(entry) + "\n"
+
+
+@dataclass
+class LogShipper:
+    """Ships the bed's real postfix log into Redis as mailcow's syslog-ng does.
+
+    Each new line of ``log_path`` is LPUSHed onto ``POSTFIX_MAILLOG`` (so the list holds the newest
+    first), and the list is trimmed to ``LOG_LINES`` as mailcow trims it.
+    """
+
+    log_path: Path
+    client: RedisClient
+    offset: int = 0
+    shipped: int = 0
+    _partial: bytes = b""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def ship(self) -> int:
+        """Ship the whole lines written since the last call; how many were shipped."""
+        with self._lock:
+            with open(self.log_path, "rb") as log:
+                log.seek(self.offset)
+                data = log.read()
+            self.offset += len(data)
+            complete, _, self._partial = (self._partial + data).rpartition(b"\n")
+            year = datetime.now(timezone.utc).year
+            entries = [mailcow_log_entry(raw.decode("utf-8", "replace"), year) for raw in complete.split(b"\n") if raw]
+            for entry in entries:
+                if entry is not None:
+                    self.client("LPUSH", POSTFIX_MAILLOG, entry)
+                    self.shipped += 1
+            if entries:
+                self.client("LTRIM", POSTFIX_MAILLOG, 0, LOG_LINES - 1)
+            return sum(entry is not None for entry in entries)
+
+
+def _clear_postfix_log_db() -> None:
+    client = RedisClient(db=POSTFIX_LOG_DB)
+    try:
+        foreign = [key for key in client.keys() if key != POSTFIX_MAILLOG]
+        if foreign:
+            _fail(f"Redis database {POSTFIX_LOG_DB} holds keys the tests did not write ({', '.join(foreign[:5])}); "
+                  "not touching it")
+        client("DEL", POSTFIX_MAILLOG)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def postfix_log_shipper(testbed: Testbed) -> Iterator[LogShipper]:
+    """A shipper of the bed's postfix log into Redis database ``POSTFIX_LOG_DB``, shipping every 0.1 s
+    in a thread from the log's end at the start of the test. The list is deleted before and after."""
+    _clear_postfix_log_db()
+    path = testbed.log_path()
+    shipper = LogShipper(path, RedisClient(db=POSTFIX_LOG_DB), offset=path.stat().st_size)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        while not stop.wait(0.1):
+            try:
+                shipper.ship()
+            except BaseException as exc:  # said at the end of the test
+                failures.append(exc)
+                return
+
+    thread = threading.Thread(target=run, name="postfix-log-shipper", daemon=True)
+    thread.start()
+    try:
+        yield shipper
+    finally:
+        stop.set()
+        thread.join(10)
+        shipper.client.close()
+        _clear_postfix_log_db()
+    if failures:
+        _fail(f"the postfix log shipper failed: {failures[0]!r}")
+
+
+@pytest.fixture
+def defer_route(testbed: Testbed) -> Iterator[Callable[[str], None]]:
+    """``route("sink")`` sends defer.test's mail to the sink from now on and flushes postfix's queue;
+    ``route("closed")`` makes it deferred again. After the test the route is closed again."""
+
+    def route(to: str) -> None:
+        env = dict(os.environ, SMTPAPI_TESTBED_DIR=str(testbed.directory))
+        result = subprocess.run(
+            ["bash", str(SCRIPT), "route-defer", to],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False,
+        )
+        if result.returncode != 0:
+            _fail(f"testbed.sh route-defer {to} failed with status {result.returncode}:\n{result.stderr}")
+
+    try:
+        yield route
+    finally:
+        route("closed")
 
 
 @dataclass
