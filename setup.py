@@ -36,6 +36,7 @@ setup(
             "pyyaml>=6",
             "schemathesis>=4",
             "types-PyYAML",
+            "standardwebhooks>=1.1",
         ],
     },
     entry_points={

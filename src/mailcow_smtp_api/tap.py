@@ -266,8 +266,46 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         # Greeting, TLS (with certificate checks) and EHLO on the default target; no AUTH, no mail.
         return submitter.open_session(config.default_target, None).addCallback(lambda session: session.quit())
 
+    postfix_log: Any = None
+    if config.postfix_log == "redis":
+        from .mailcow.postfixlog import RedisLog
+
+        postfix_log = RedisLog(redis, reactor)
+    elif config.postfix_log is not None:
+        from .mailcow.postfixlog import FileLog
+
+        postfix_log = FileLog(config.postfix_log.removeprefix("file:"), reactor)
+    if postfix_log is not None:
+        PostfixLogService(postfix_log).setServiceParent(top)
+    dispatcher: Any = None
+    make_event: Any = None
+    enqueue: Any = None
+    if config.webhook_url is not None and config.webhook_secret is not None:
+        from .core.webhooks import new_event
+        from .state.webhooks import WebhookStore, enqueuer
+        from .web.webhooks import WebhookDispatcher, webhook_client
+
+        dispatcher = WebhookDispatcher(
+            WebhookStore(state_runner),
+            config.webhook_url,
+            config.webhook_secret,
+            reactor,
+            webhook_client(reactor),
+            config.webhook_timeout,
+        )
+        dispatcher.setServiceParent(top)
+        enqueue = enqueuer(config.outbox_lifetime + config.status_ttl)
+
+        def make_event(name: str, message: Any, now: float) -> Any:
+            return new_event(name, message, now, secrets.token_hex(16))
+
+    from .state import webhooks as webhook_tables
+
     outbox = Outbox(
-        store=OutboxStore(state_runner),
+        store=OutboxStore(state_runner, enqueue=enqueue, more_tables=webhook_tables.create_tables),
+        postfix_log=postfix_log,
+        make_event=make_event,
+        on_events=dispatcher.wake if dispatcher is not None else None,
         submitter=pool,
         clock=reactor,
         new_token=lambda: secrets.token_hex(16),
@@ -350,6 +388,23 @@ class RedisService(app_service.Service):
         """Close the connections."""
         super().stopService()
         return self.redis.close()
+
+
+class PostfixLogService(app_service.Service):
+    """Follows postfix's log (a file, or mailcow's Redis list) with the process."""
+
+    def __init__(self, postfix_log: Any) -> None:
+        self.postfix_log = postfix_log
+
+    def startService(self) -> None:
+        """Begin reading."""
+        super().startService()
+        self.postfix_log.start()
+
+    def stopService(self) -> Any:
+        """Stop reading."""
+        super().stopService()
+        return self.postfix_log.stop()
 
 
 class OutboxService(app_service.Service):

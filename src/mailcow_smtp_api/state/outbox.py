@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 
 from ..core.outbox import NewMessage, Outcome, RecipientFate, Row, Status, row_from_values
 from ..mailcow.db import MARIADB, Dialect, MailcowDatabase, driver_errors, query_rows
-from .store import execute
+from .store import execute, transaction
 
 T = TypeVar("T")
 TABLE = "smtpapi_outbox"
@@ -169,29 +169,17 @@ def claim_due(conn: Any, dialect: Dialect, now: float, lease: float, token: str,
     )
     params = {"now": now, "until": now + lease, "token": token, "limit": int(limit)}
     if dialect is MARIADB:
-        # The pooled connections run in autocommit mode: the transaction is opened and ended in SQL.
-        execute(conn, dialect, "START TRANSACTION")
-        with driver_errors():
-            try:
-                ids = [r[0] for r in query_rows(conn, dialect.params(
-                    f"SELECT id FROM {TABLE} WHERE {due} ORDER BY not_before LIMIT {int(limit)} FOR UPDATE SKIP LOCKED"
-                ), params)]
-                if ids:
-                    marks = ", ".join(f"%(id{n})s" for n in range(len(ids)))
-                    cursor = conn.cursor()
-                    cursor.execute(
-                        f"UPDATE {TABLE} SET lease_token = %(token)s, lease_until = %(until)s WHERE id IN ({marks})",
-                        {**params, **{f"id{n}": i for n, i in enumerate(ids)}},
-                    )
-                    cursor.close()
-                cursor = conn.cursor()
-                cursor.execute("COMMIT")
-                cursor.close()
-            except BaseException:
-                cursor = conn.cursor()
-                cursor.execute("ROLLBACK")
-                cursor.close()
-                raise
+        with transaction(conn, dialect):
+            sql = f"SELECT id FROM {TABLE} WHERE {due} ORDER BY not_before LIMIT {int(limit)} FOR UPDATE SKIP LOCKED"
+            ids = [r[0] for r in _query(conn, dialect, sql, params)]
+            if ids:
+                marks = ", ".join(f":id{n}" for n in range(len(ids)))
+                execute(
+                    conn,
+                    dialect,
+                    f"UPDATE {TABLE} SET lease_token = :token, lease_until = :until WHERE id IN ({marks})",
+                    {**params, **{f"id{n}": i for n, i in enumerate(ids)}},
+                )
     else:
         execute(
             conn,
@@ -306,16 +294,21 @@ class OutboxStore:
     reports, on the same connection; failures arrive as ``ApiError`` from the runner.
     """
 
-    def __init__(self, runner: MailcowDatabase, enqueue: Enqueue | None = None) -> None:
+    def __init__(
+        self, runner: MailcowDatabase, enqueue: Enqueue | None = None, more_tables: Callable[[Any, Dialect], None] | None = None
+    ) -> None:
         self._runner = runner
         self.dialect = runner.dialect
         self._enqueue = enqueue
+        self._more_tables = more_tables
         self._ready = False
 
     def _run(self, func: Callable[[Any, Dialect], T]) -> Deferred[T]:
         def work(conn: Any) -> T:
             if not self._ready:
                 create_tables(conn, self.dialect)
+                if self._more_tables is not None:
+                    self._more_tables(conn, self.dialect)
                 self._ready = True
             return func(conn, self.dialect)
 
@@ -342,8 +335,9 @@ class OutboxStore:
         """Store the record of a message already handed to postfix (a synchronous send)."""
 
         def work(conn: Any, dialect: Dialect) -> None:
-            insert(conn, dialect, message)
-            self._events(conn, dialect, events)
+            with transaction(conn, dialect):
+                insert(conn, dialect, message)
+                self._events(conn, dialect, events)
 
         return self._run(work)
 
@@ -371,9 +365,10 @@ class OutboxStore:
         """Record an outcome and release the claim, with its webhook events; False when the claim was lost."""
 
         def work(conn: Any, dialect: Dialect) -> bool:
-            done = settle(conn, dialect, row, token, outcome)
-            if done:
-                self._events(conn, dialect, events)
+            with transaction(conn, dialect):
+                done = settle(conn, dialect, row, token, outcome)
+                if done:
+                    self._events(conn, dialect, events)
             return done
 
         return self._run(work)
@@ -392,9 +387,10 @@ class OutboxStore:
         """Record fates read from postfix's log, with the webhook events of a changed status."""
 
         def work(conn: Any, dialect: Dialect) -> bool:
-            done = update_fates(conn, dialect, row, fates, status, now, keep)
-            if done:
-                self._events(conn, dialect, events)
+            with transaction(conn, dialect):
+                done = update_fates(conn, dialect, row, fates, status, now, keep)
+                if done:
+                    self._events(conn, dialect, events)
             return done
 
         return self._run(work)

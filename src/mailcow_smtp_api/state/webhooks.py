@@ -20,8 +20,7 @@ fails after the POST, means the event is posted again, with the same ``webhook-i
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
@@ -29,7 +28,7 @@ from twisted.internet.defer import Deferred
 
 from ..core.webhooks import WebhookEvent, payload
 from ..mailcow.db import MARIADB, Dialect, MailcowDatabase, driver_errors, query_rows
-from .store import execute
+from .store import execute, transaction
 
 T = TypeVar("T")
 
@@ -172,26 +171,6 @@ def enqueuer(lifetime: float) -> Callable[[Any, Dialect, WebhookEvent], None]:
     return enqueue_event
 
 
-@contextmanager
-def _transaction(conn: Any, dialect: Dialect) -> Iterator[None]:
-    """One MariaDB transaction on a pooled connection (autocommit: it is begun and ended in SQL).
-
-    READ COMMITTED: the locking read takes no gap locks, so it never holds up an outbox transaction
-    inserting new events meanwhile.
-    """
-    execute(conn, dialect, "SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-    execute(conn, dialect, "START TRANSACTION")
-    try:
-        yield
-    except BaseException:
-        try:
-            execute(conn, dialect, "ROLLBACK")
-        except Exception:
-            pass  # a dropped link rolls back by itself; the first error is the one to report
-        raise
-    execute(conn, dialect, "COMMIT")
-
-
 def claim_due(
     conn: Any, dialect: Dialect, now: float, lease_seconds: float, token: str, limit: int
 ) -> list[tuple[str, bytes, int]]:
@@ -203,7 +182,7 @@ def claim_due(
     params = {"now": now, "until": now + lease_seconds, "token": token, "limit": int(limit)}
     lease = f"UPDATE {TABLE} SET lease_token = :token, lease_until = :until WHERE "
     if dialect is MARIADB:
-        with _transaction(conn, dialect):
+        with transaction(conn, dialect):
             with driver_errors():
                 sql = f"SELECT event_id FROM {TABLE} WHERE {_DUE} ORDER BY next_at LIMIT :limit FOR UPDATE SKIP LOCKED"
                 ids = [str(row[0]) for row in query_rows(conn, dialect.params(sql), params)]
