@@ -17,7 +17,9 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailcow_smtp_api.core.errors import ApiError
 from mailcow_smtp_api.core.maillog import Accepted, Delivery, Filed, MessageIdSeen, Notification, Removed
+from mailcow_smtp_api.core.readiness import SafeReason
 from mailcow_smtp_api.mailcow.postfixlog import FileLog, MessageTrace, RedisLog
 
 UTC = timezone.utc
@@ -327,7 +329,10 @@ class FakeMaillog:
     def maillog(self, count: int) -> Deferred[list[bytes]]:
         self.asked.append(count)
         if self.down:
-            return fail(ConnectionError("redis is down"))
+            # As MailcowRedis fails: an ApiError, and why in a SafeReason behind it.
+            error = ApiError.of("smtp_ratelimit_unavailable")
+            error.__cause__ = SafeReason("cannot connect to Redis (see --redis)")
+            return fail(error)
         if self.hold is not None:
             return self.hold
         return succeed(list(self.entries[:count]))
@@ -426,7 +431,8 @@ class RedisLogTests(SynchronousTestCase):
             self.source.push(sent("BBBBBB0002", "<b@x>", 2))
             self.source.down = False
             self.clock.advance(1.0)
-        self.assertEqual(len([e for e in events if "cannot read" in e.get("log_format", "")]), 1)
+        warnings = [e for e in events if "cannot read" in e.get("log_format", "")]
+        self.assertEqual([e["why"] for e in warnings], ["cannot connect to Redis (see --redis)"])
         self.assertTrue(any("readable again" in e.get("log_format", "") for e in events))
         self.assertEqual(follower.covered, (stamp(2026, 12, 1, 21, 1, 38), stamp(2026, 12, 1, 21, 2, 38)))
         self.assertEqual(statuses(follower.trace("<b@x>")), [("BBBBBB0002", "sent", "2.0.0")])

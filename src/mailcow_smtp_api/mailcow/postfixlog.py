@@ -438,7 +438,9 @@ class RedisLog(PostfixLog):
         self._pending = None
         if not self._running:
             return
-        self._failed(type(failure.value).__name__)
+        # MailcowRedis says why in a SafeReason (no address, no password) behind its ApiError.
+        reason = getattr(failure.value, "__cause__", None)
+        self._failed(str(reason) if reason is not None else type(failure.value).__name__)
         self._schedule(self.poll_interval)
 
     def _got(self, entries: list[Any], count: int) -> None:
