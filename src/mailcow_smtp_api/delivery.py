@@ -78,7 +78,8 @@ class Trace(Protocol):
 
 
 class DeliveryLog(Protocol):
-    """postfix's log, followed (mailcow/postfixlog.py)."""
+    """postfix's log, followed (mailcow/postfixlog.py). ``covered``: the times of the first and last
+    line read without a gap; ``caught_up_at`` (optional): when the end of the log was last reached."""
 
     covered: tuple[float, float] | None
 
@@ -337,8 +338,11 @@ class Outbox:
             self._catch_up(row.message_id)
             return
         covered = self.postfix_log.covered
+        # How far the log is known to be complete: its last line, or, when the follower has read to
+        # the end of a quiet log, the time it did so.
+        complete_to = max(covered[1] if covered else 0.0, getattr(self.postfix_log, "caught_up_at", None) or 0.0)
         # postfix logs its acceptance at once; a lease's time after the handover is ample.
-        if covered is not None and covered[0] <= handover and covered[1] >= handover + self.lease:
+        if covered is not None and covered[0] <= handover and complete_to >= handover + self.lease:
             attempt = Attempt(now, "proven_not_taken", None, "postfix's log shows postfix did not take it")
             await self._settle(row, token, Outcome(Status.QUEUED, now, now + self.limits.status_ttl, attempt, not_before=now))
             return

@@ -72,6 +72,7 @@ class FakeLog:
 
     traces: dict[str, Any] = attrs.Factory(dict)
     covered: tuple[float, float] | None = None
+    caught_up_at: float | None = None
     callbacks: list[Any] = attrs.Factory(list)
 
     def trace(self, message_id: str) -> Any:
@@ -347,3 +348,19 @@ async def test_expired_records_are_purged(stores: list[OutboxStore]) -> None:
     with pytest.raises(ApiError):
         await box.status(mid(1), SCOPE)
     assert (await box.status(mid(2), SCOPE))["status"] == "scheduled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quiet_log_read_to_its_end_proves_absence(stores: list[OutboxStore]) -> None:
+    """With no new line since the handover, a follower that read to the end later still proves postfix did not take it."""
+    clock = FakeClock()
+    plog = FakeLog(covered=(NOW - 100, NOW - 50))
+    smtp = ScriptedSubmitter([SmtpFailure("dropped", "message")])
+    box = outbox(stores[0], smtp, clock, postfix_log=plog, lease=30.0)
+    await box.accept(message(clock, 1))
+    await settle_rounds(box)
+    clock.now += 40
+    plog.caught_up_at = clock.now
+    await settle_rounds(box, 4)
+    status = await box.status(mid(1), SCOPE)
+    assert status["status"] == "submitted" and len(smtp.sent) == 2

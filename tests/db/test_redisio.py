@@ -214,7 +214,12 @@ def _ban(redis: MailcowRedis) -> Any:
     return ensureDeferred(redis.ban_for("192.0.2.1"))
 
 
-ALLOWED_READS = {"HMGET": ("RL_VALUE", "SMTP_ALLOW_NETS_"), "HEXISTS": ("SMTP_LIMITED_ACCESS",), "HGETALL": ("F2B_ACTIVE_BANS", "F2B_PERM_BANS")}
+ALLOWED_READS = {
+    "HMGET": ("RL_VALUE", "SMTP_ALLOW_NETS_"),
+    "HEXISTS": ("SMTP_LIMITED_ACCESS",),
+    "HGETALL": ("F2B_ACTIVE_BANS", "F2B_PERM_BANS"),
+    "LRANGE": ("POSTFIX_MAILLOG",),
+}
 
 
 @pytest_twisted.ensureDeferred
@@ -247,6 +252,7 @@ async def test_only_the_documented_keys_and_commands_are_used(require_redis: Non
         await redis.take([mailbox(5, 60)], 1)
         await redis.publish_failure("mailcow UI: Invalid password for smtp-api:x@example.org by 192.0.2.1")
         await redis.ping()
+        await redis.maillog(10)
         await raw[READ_DB].execute_command("ECHO", marker)
         wait_for(marker)
     finally:
@@ -264,7 +270,7 @@ async def test_only_the_documented_keys_and_commands_are_used(require_redis: Non
             continue  # the test's own set-up and clean-up connection
         used.append((command, first))
     commands = {command for command, _ in used}
-    assert {"HMGET", "HEXISTS", "HGETALL", "EVALSHA", "PUBLISH", "PING"} <= commands, used
+    assert {"HMGET", "HEXISTS", "HGETALL", "EVALSHA", "PUBLISH", "PING", "LRANGE"} <= commands, used
     for command, first in used:
         if command in ("HMGET", "HSET", "PEXPIRE") and first.startswith(prefix):
             continue  # the bucket script, on the sidecar's own keys

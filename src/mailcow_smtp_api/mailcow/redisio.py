@@ -4,7 +4,7 @@ The only module that imports txredisapi. What it touches (mailcow.md section 7),
 
 - reads ``RL_VALUE`` (limits per mailbox or domain), ``SMTP_LIMITED_ACCESS`` and
   ``SMTP_ALLOW_NETS_<login>`` (the per-mailbox SMTP source-IP allow list), ``F2B_ACTIVE_BANS`` and
-  ``F2B_PERM_BANS`` (netfilter's bans);
+  ``F2B_PERM_BANS`` (netfilter's bans), and ``POSTFIX_MAILLOG`` (postfix's log, with ``--postfix-log redis``);
 - writes only keys under the sidecar's own prefix (``smtpapi:`` by default): its leaky buckets,
   through one Lua script so that every replica sees one bucket. Never rspamd's ``RL*`` buckets:
   mail that later also passes rspamd would be counted twice;
