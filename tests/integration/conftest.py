@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -1143,3 +1144,224 @@ class StateAdmin:
 def state_admin(testbed: Testbed, tmp_path: Path) -> StateAdmin:
     """``smtpapi-admin`` on the bed's database and a fresh SQLite state database in ``tmp_path``."""
     return StateAdmin(testbed.db_url, f"sqlite:{tmp_path / 'smtpapi-state.sqlite'}")
+
+
+# ------------------------------------------------------------------------------ the outbox
+
+# The header that asks for an asynchronous send (RFC 7240): 202 once the message is stored.
+RESPOND_ASYNC = {"Prefer": "respond-async"}
+# Where a status record lives (the 202 answer's Location).
+STATUS_PATH = "/api/v1/send/status/"
+# States in which postfix has the message (with --postfix-log it moves on from submitted).
+HANDED_OVER = ("submitted", "delivered")
+
+
+def api_call(
+    url: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    key: str | None = API_KEY,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> tuple[int, Any, Any]:
+    """One HTTP request to the service: (status, the JSON answer, the headers)."""
+    connection = http.client.HTTPConnection(HOST, int(url.rpartition(":")[2]), timeout=timeout)
+    sent = {"Content-Type": "application/json", **({"X-API-Key": key} if key is not None else {}), **(headers or {})}
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    try:
+        connection.request(method, path, body=data, headers=sent)
+        response = connection.getresponse()
+        raw = response.read()
+        return response.status, json.loads(raw) if raw else None, response.headers
+    finally:
+        connection.close()
+
+
+def message_status(service: Sidecar, message: str, key: str | None = API_KEY, method: str = "GET") -> tuple[int, Any]:
+    """``GET`` (or ``DELETE``) ``/api/v1/send/status/{message}`` with ``key``: (status, JSON answer)."""
+    status, body, _ = api_call(service.url, method, STATUS_PATH + message, key=key)
+    return status, body
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something true (returned) or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            _fail(f"{what}: not within {timeout} s (last seen: {last!r})")
+        time.sleep(interval)
+
+
+def wait_for_state(
+    service: Sidecar, message: str, states: Sequence[str], timeout: float, key: str | None = API_KEY
+) -> dict[str, Any]:
+    """The status record of ``message`` once its ``status`` is one of ``states`` (fail after ``timeout`` s)."""
+    seen: list[Any] = []
+
+    def reached() -> dict[str, Any] | None:
+        code, body = message_status(service, message, key)
+        seen[:] = [code, body.get("status") if isinstance(body, dict) else body]
+        return body if code == 200 and body.get("status") in states else None
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = reached()
+        if found is not None:
+            return found
+        if time.monotonic() >= deadline:
+            _fail(f"message {message} did not reach {'/'.join(states)} within {timeout} s; last answer {seen}")
+        time.sleep(0.2)
+
+
+def sink_message_ids(bed: Testbed) -> Counter[str]:
+    """How often each Message-ID arrived in the sink (one count per delivered copy of a message)."""
+    return Counter(str(m.message["Message-ID"]).strip() for m in bed.messages())
+
+
+def postfix_queue(bed: Testbed) -> list[dict[str, Any]]:
+    """postfix's queue as ``postqueue -j`` lists it (empty when postfix holds nothing)."""
+    result = subprocess.run(
+        ["postqueue", "-c", str(bed.directory / "postfix"), "-j"], capture_output=True, text=True, timeout=30, check=False
+    )
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def postfix_running(bed: Testbed) -> bool:
+    """True when postfix's plain port takes connections."""
+    try:
+        socket.create_connection((HOST, bed.plain_port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def postfix_stopped(bed: Testbed) -> Iterator[Callable[[], None]]:
+    """postfix stopped for the block; it yields ``start()`` to bring it back early, and always
+    starts it again at the end (also when the block fails)."""
+    started = [False]
+
+    def start() -> None:
+        if not started[0]:
+            started[0] = True
+            bed.start_postfix()
+
+    bed.stop_postfix()
+    try:
+        yield start
+    finally:
+        if not started[0] or not postfix_running(bed):
+            started[0] = True
+            bed.start_postfix()
+
+
+@dataclass
+class StateDatabase:
+    """A MariaDB database of its own for the sidecar's state (shared by replicas), dropped after."""
+
+    name: str
+
+    @property
+    def url(self) -> str:
+        """The ``--state-db`` value."""
+        return f"mysql://root@{DB_HOST}:{DB_PORT}/{self.name}"
+
+    def query(self, sql: str, args: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Rows of one statement on this database."""
+        connection = pymysql.connect(
+            host=DB_HOST, port=DB_PORT, user="root", database=self.name, autocommit=True, connect_timeout=5
+        )
+        with connection, connection.cursor() as cursor:
+            cursor.execute(sql, args)
+            return list(cursor.fetchall())
+
+
+def _root_statements(*statements: str) -> None:
+    with _root_connection() as connection, connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+
+
+@pytest.fixture
+def mariadb_state(testbed: Testbed) -> Iterator[Callable[[str], StateDatabase]]:
+    """A factory: ``mariadb_state(name)`` creates the empty MariaDB database ``smtpapi_state_<name>``
+    on 127.0.0.1:3306 for ``--state-db``; every database created is dropped after the test."""
+    made: list[str] = []
+
+    def create(name: str) -> StateDatabase:
+        database = f"smtpapi_state_{name}"
+        assert re.fullmatch(r"[a-z0-9_]{1,50}", database), database
+        revive_shared_mariadb()
+        _root_statements(
+            f"DROP DATABASE IF EXISTS `{database}`",
+            f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci",
+        )
+        made.append(database)
+        return StateDatabase(database)
+
+    try:
+        yield create
+    finally:
+        for database in made:
+            _root_statements(f"DROP DATABASE IF EXISTS `{database}`")
+
+
+def route_defer(bed: Testbed, route: str) -> None:
+    """``testbed.sh route-defer closed|sink``: where postfix sends defer.test's mail from now on
+    (``sink`` also flushes postfix's queue)."""
+    env = dict(
+        os.environ,
+        SMTPAPI_TESTBED_DIR=str(bed.directory),
+        SMTPAPI_TESTBED_DB_NAME=DB_NAME,
+        SMTPAPI_TESTBED_DB_USER=DB_READER,
+        SMTPAPI_TESTBED_DB_PASS=DB_READER_PASSWORD,
+    )
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "route-defer", route],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        _fail(f"testbed.sh route-defer {route} failed with status {result.returncode}:\n{result.stdout}{result.stderr}")
+
+
+class KeepAliveClient:
+    """One keep-alive HTTP connection to a sidecar, for many requests in a row."""
+
+    def __init__(self, port: int, timeout: float = 60.0) -> None:
+        self.port = port
+        self.timeout = timeout
+        self._connection: http.client.HTTPConnection | None = None
+
+    def request(
+        self, method: str, path: str, body: Any = None, key: str | None = API_KEY, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, Any, Any]:
+        """(status, JSON answer, headers) of one request.
+
+        Never repeats a request by itself: on an error (OSError, http.client's exceptions) the
+        connection is closed and the error raised; the next request opens a new one.
+        """
+        sent = {"Content-Type": "application/json", **({"X-API-Key": key} if key is not None else {}), **(headers or {})}
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        if self._connection is None:
+            self._connection = http.client.HTTPConnection(HOST, self.port, timeout=self.timeout)
+        try:
+            self._connection.request(method, path, body=data, headers=sent)
+            response = self._connection.getresponse()
+            raw = response.read()
+        except BaseException:
+            self.close()
+            raise
+        if (response.getheader("Connection") or "").lower() == "close":
+            self.close()
+        return response.status, json.loads(raw) if raw else None, response.headers
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
