@@ -130,6 +130,7 @@ class Options(usage.Options):
 
 
 LISTEN_BACKLOG = 1024
+OUTBOX_BATCH = 20  # messages one outbox round hands over at once, each on a session of the outbox's own
 
 
 def with_backlog(description: str) -> str:
@@ -301,12 +302,24 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
 
     from .state import webhooks as webhook_tables
 
+    # The outbox hands over at most OUTBOX_BATCH messages at once on sessions of its own: it never
+    # waits behind synchronous sends for a session, so a handover never outlasts its lease there.
+    outbox_pool = SessionPool(
+        submitter,
+        reactor,
+        max_idle_per_target=min(config.smtp_pool_size, OUTBOX_BATCH),
+        max_busy_per_target=OUTBOX_BATCH,
+        max_age=config.smtp_pool_max_age,
+        idle_timeout=min(30.0, config.smtp_pool_max_age),
+    )
+    PoolService(outbox_pool).setServiceParent(top)
     outbox = Outbox(
         store=OutboxStore(state_runner, enqueue=enqueue, more_tables=webhook_tables.create_tables),
         postfix_log=postfix_log,
         make_event=make_event,
         on_events=dispatcher.wake if dispatcher is not None else None,
-        submitter=pool,
+        submitter=outbox_pool,
+        batch=OUTBOX_BATCH,
         clock=reactor,
         new_token=lambda: secrets.token_hex(16),
         limits=Limits(
