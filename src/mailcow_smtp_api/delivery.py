@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
 from twisted.logger import Logger
 
 from .core.errors import ApiError, SmtpFailure
@@ -49,6 +49,7 @@ EVENT_OF = {
     Status.FAILED: "failed",
 }
 RESOLVE_RETRY_SECONDS = 5.0
+WATCH_REFRESH_SECONDS = 10.0
 
 
 class OutboxStorage(Protocol):
@@ -68,6 +69,7 @@ class OutboxStorage(Protocol):
         self, row: Row, fates: Mapping[str, RecipientFate], status: Status, now: float, keep: float, events: Sequence[Any] = ()
     ) -> Deferred[bool]: ...
     def purge(self, now: float) -> Deferred[int]: ...
+    def watched(self) -> Deferred[list[str]]: ...
 
 
 class Trace(Protocol):
@@ -116,6 +118,10 @@ class Outbox:
     batch: int = 20
     _running: bool = False
     _waiters: list[Deferred[int]] = attrs.Factory(list)
+    # Message-IDs postfix holds for the outbox, whose log lines are recorded.
+    _watched: set[str] = attrs.Factory(set)
+    _watched_at: float = float("-inf")
+    _log_writes: DeferredSemaphore = attrs.Factory(lambda: DeferredSemaphore(4))
 
     def __attrs_post_init__(self) -> None:
         if self.postfix_log is not None:
@@ -259,6 +265,7 @@ class Outbox:
             waiter.callback(claimed)
 
     async def _round(self) -> int:
+        await self._refresh_watched()
         token = self.new_token()
         rows = await self.store.claim(self.now(), self.lease, token, self.batch)
         if rows:
@@ -374,19 +381,38 @@ class Outbox:
     # ------------------------------------------------------------------ postfix's log
 
     def on_log_event(self, filed: Filed) -> None:
-        """A delivery line of postfix's log: record the recipient's fate (errors are logged)."""
-        if isinstance(filed.event, Delivery):
-            d = ensureDeferred(self._apply([filed.event], filed.message_id))
-            d.addErrback(lambda f: log.warn("outbox: a delivery line could not be recorded ({e})", e=type(f.value).__name__))
+        """A delivery line of postfix's log: record the recipient's fate (errors are logged).
+
+        Only messages of the outbox that postfix holds are looked up: postfix's log is mostly other
+        mail, and at start-up a follower replays the whole log.
+        """
+        if isinstance(filed.event, Delivery) and filed.message_id in self._watched:
+            self._applying(self._apply([filed.event], filed.message_id))
 
     def _catch_up(self, message_id: str) -> None:
-        """Lines postfix logged before the record said 'submitted' (a fast delivery) are applied now."""
+        """Lines postfix logged before the record said 'submitted' (a fast delivery) are applied now;
+        later lines of this message are followed."""
         if self.postfix_log is None:
             return
+        self._watched.add(message_id)
         trace = self.postfix_log.trace(message_id)
         if trace is not None and trace.deliveries:
-            d = ensureDeferred(self._apply(list(trace.deliveries), message_id))
-            d.addErrback(lambda f: log.warn("outbox: earlier delivery lines could not be recorded"))
+            self._applying(self._apply(list(trace.deliveries), message_id))
+
+    def _applying(self, work: Any) -> None:
+        """Record fates a few at a time, so that a burst of log lines never floods the database."""
+        d = self._log_writes.run(lambda: ensureDeferred(work))
+        d.addErrback(lambda f: log.warn("outbox: a delivery line could not be recorded ({e})", e=type(f.value).__name__))
+
+    async def _refresh_watched(self) -> None:
+        """Follow the messages postfix holds that another replica (or an earlier process) handed over."""
+        now = self.now()
+        if self.postfix_log is None or now - self._watched_at < WATCH_REFRESH_SECONDS:
+            return
+        self._watched_at = now
+        for message_id in await self.store.watched():
+            if message_id not in self._watched:
+                self._catch_up(message_id)
 
     async def _apply(self, deliveries: Sequence[Delivery], message_id: str) -> None:
         for _ in range(3):  # a row changed meanwhile is read again
@@ -411,6 +437,8 @@ class Outbox:
                 if await self.store.update_fates(row, fates, status, now, now + self.limits.status_ttl, events):
                     if events and self.on_events is not None:
                         self.on_events()
+                    if status in (Status.DELIVERED, Status.BOUNCED):
+                        self._watched.discard(message_id)
                 else:
                     pending = True
             if not pending:

@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 
 from mailcow_smtp_api.core.errors import ApiError, SmtpFailure
-from mailcow_smtp_api.core.maillog import Delivery
+from mailcow_smtp_api.core.maillog import Delivery, Filed
 from mailcow_smtp_api.core.model import RecipientResult, SubmitResult
 from mailcow_smtp_api.core.outbox import Limits, NewMessage, Status
 from mailcow_smtp_api.delivery import Outbox
@@ -364,3 +364,33 @@ async def test_a_quiet_log_read_to_its_end_proves_absence(stores: list[OutboxSto
     await settle_rounds(box, 4)
     status = await box.status(mid(1), SCOPE)
     assert status["status"] == "submitted" and len(smtp.sent) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_lines_of_other_mail_cost_no_database_work(stores: list[OutboxStore]) -> None:
+    """postfix's log is mostly other mail: only lines of messages the outbox handed over are looked up,
+    and a burst of them is recorded a few at a time."""
+    from twisted.internet.task import deferLater
+
+    clock = FakeClock()
+    plog = FakeLog(covered=(NOW - 10, NOW + 10))
+    lookups: list[str] = []
+    real = stores[0].with_postfix
+
+    def counting(message_id: str) -> Any:
+        lookups.append(message_id)
+        return real(message_id)
+
+    stores[0].with_postfix = counting  # type: ignore[method-assign]
+    box = outbox(stores[0], ScriptedSubmitter(), clock, postfix_log=plog)
+    for n in range(200):
+        box.on_log_event(Filed(f"<other{n}@example.net>", Delivery("QZ", "x@example.net", "sent", "2.0.0", "r", "ok")))
+    await box.accept(message(clock, 1))
+    await settle_rounds(box)
+    box.on_log_event(Filed("<m1@example.org>", Delivery("Q1", "r@example.net", "sent", "2.0.0", "relay", "250 ok", NOW)))
+    for _ in range(50):
+        if (await box.status(mid(1), SCOPE))["status"] == "delivered":
+            break
+        await deferLater(_reactor(), 0.02, lambda: None)
+    assert (await box.status(mid(1), SCOPE))["status"] == "delivered"
+    assert set(lookups) == {"<m1@example.org>"}

@@ -275,6 +275,15 @@ def update_fates(
     return execute(conn, dialect, sql, params) == 1
 
 
+def watched(conn: Any, dialect: Dialect, limit: int = 100_000) -> list[str]:
+    """Message-IDs of messages postfix holds and has not finished with (submitted or deferred)."""
+    sql = (
+        f"SELECT DISTINCT message_id FROM {TABLE} WHERE status IN ('{Status.SUBMITTED.value}', "
+        f"'{Status.DEFERRED.value}') LIMIT {int(limit)}"
+    )
+    return [str(r[0]) for r in _query(conn, dialect, sql, {})]
+
+
 def purge(conn: Any, dialect: Dialect, now: float) -> int:
     """Delete records past their ``keep_until`` that no longer wait."""
     marks = ", ".join(f"'{s}'" for s in WAITING)
@@ -394,6 +403,10 @@ class OutboxStore:
             return done
 
         return self._run(work)
+
+    def watched(self) -> Deferred[list[str]]:
+        """Message-IDs whose postfix log lines matter to the outbox."""
+        return self._run(lambda conn, dialect: watched(conn, dialect))
 
     def purge(self, now: float) -> Deferred[int]:
         """Delete expired records."""
