@@ -219,8 +219,7 @@ class Outbox:
 
     async def record(self, message: NewMessage) -> None:
         """Keep the status record of a message already handed to postfix (a synchronous send)."""
-        row_json = _preview(message)
-        await self.store.record(message, self._events(Status.SUBMITTED, row_json))
+        await self.store.record(message, self._events(Status.SUBMITTED, message.as_row().as_json()))
         self._catch_up(message.message_id)
 
     async def status(self, message: str, scope: str) -> dict[str, Any]:
@@ -366,15 +365,7 @@ class Outbox:
         await self._settle(row, token, Outcome(Status.FAILED, now, now + self.limits.status_ttl, attempt, fates=fates, drop_body=True))
 
     async def _settle(self, row: Row, token: str, outcome: Outcome) -> None:
-        after = attrs.evolve(
-            row,
-            status=outcome.status,
-            attempts=(*row.attempts, *([outcome.attempt] if outcome.attempt else [])),
-            queue_id=outcome.queue_id or row.queue_id,
-            fates={**row.fates, **(outcome.fates or {})},
-            updated_at=outcome.now,
-        )
-        events = self._events(outcome.status, after.as_json()) if outcome.status is not row.status else []
+        events = self._events(outcome.status, row.settled(outcome).as_json()) if outcome.status is not row.status else []
         if await self.store.settle(row, token, outcome, events) and events and self.on_events is not None:
             self.on_events()
 
@@ -460,18 +451,6 @@ class Outbox:
 def _accepted(row: Row, fates: Mapping[str, RecipientFate]) -> list[str]:
     """The recipients postfix took (those it refused at RCPT have their own fate already)."""
     return [r for r in row.recipients if fates.get(r.lower(), RecipientFate("pending")).status != "refused"]
-
-
-def _preview(message: NewMessage) -> dict[str, Any]:
-    """The status JSON of a record about to be stored (for its first webhook event)."""
-    return Row(
-        id=message.id, scope=message.scope, status=message.status, message_id=message.message_id, sender=message.sender,
-        recipients=message.recipients, login=message.login, target=message.target, size=message.size,
-        created_at=message.created_at, send_at=message.send_at, not_before=message.not_before,
-        expires_at=message.expires_at, lease_token=None, lease_until=None, handover_at=None,
-        attempts=message.attempts, queue_id=message.queue_id, fates=message.fates, updated_at=message.created_at,
-        keep_until=message.keep_until, request_id=message.request_id,
-    ).as_json()
 
 
 def _round_failed(failure: Any) -> int:

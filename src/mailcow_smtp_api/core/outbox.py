@@ -142,12 +142,6 @@ def outbox_lease(smtp_timeout: float) -> float:
     return smtp_timeout * 8 + 10.0
 
 
-def refused_all(results: Iterable[tuple[str, int]]) -> bool:
-    """True when every recipient got a permanent (5xx) refusal."""
-    codes = [code for _, code in results]
-    return bool(codes) and all(code >= 500 for code in codes)
-
-
 @attrs.frozen
 class Row:
     """One message of the outbox (without its body, which is read only to send it)."""
@@ -174,6 +168,21 @@ class Row:
     updated_at: float
     keep_until: float
     request_id: str
+
+    def settled(self, outcome: Outcome) -> Row:
+        """This row once ``outcome`` is recorded: its attempt added, its fates merged, its claim released."""
+        return attrs.evolve(
+            self,
+            status=outcome.status,
+            attempts=(*self.attempts, *([outcome.attempt] if outcome.attempt else [])),
+            not_before=outcome.not_before if outcome.not_before is not None else self.not_before,
+            queue_id=outcome.queue_id if outcome.queue_id is not None else self.queue_id,
+            fates={**self.fates, **(outcome.fates or {})},
+            updated_at=outcome.now,
+            keep_until=outcome.keep_until,
+            lease_token=None,
+            lease_until=None,
+        )
 
     def as_json(self) -> dict[str, Any]:
         """The status answer: every field a caller may read (nothing of the message itself)."""
@@ -247,6 +256,17 @@ class NewMessage:
     queue_id: str | None = None
     attempts: tuple[Attempt, ...] = ()
     fates: Mapping[str, RecipientFate] = attrs.Factory(dict)
+
+    def as_row(self) -> Row:
+        """The row this message becomes once stored (before anyone claims it)."""
+        return Row(
+            id=self.id, scope=self.scope, status=self.status, message_id=self.message_id, sender=self.sender,
+            recipients=self.recipients, login=self.login, target=self.target, size=self.size,
+            created_at=self.created_at, send_at=self.send_at, not_before=self.not_before,
+            expires_at=self.expires_at, lease_token=None, lease_until=None, handover_at=None,
+            attempts=self.attempts, queue_id=self.queue_id, fates=self.fates, updated_at=self.created_at,
+            keep_until=self.keep_until, request_id=self.request_id,
+        )
 
 
 @attrs.frozen

@@ -23,7 +23,7 @@ from ..mailcow.cache import TtlCache
 from ..mailcow.db import MARIADB, Dialect, MailcowDatabase, driver_errors, query_rows
 from ..core.ratelimit import Limit, parse_limit
 from ..core.sendkeys import SendKey
-from .store import execute
+from .store import TablesOnFirstUse, execute
 
 T = TypeVar("T")
 
@@ -173,7 +173,7 @@ class KeyStore:
     def __init__(self, runner: MailcowDatabase, clock: Any, ttl: float = 5.0, max_entries: int = 10_000) -> None:
         self._runner = runner
         self.dialect = runner.dialect
-        self._ready = False
+        self._run = TablesOnFirstUse(runner, create_tables)
         self._cache = TtlCache(clock, ttl, max_entries)
 
     def send_key(self, key_id: str) -> Deferred[SendKey | None]:
@@ -187,15 +187,6 @@ class KeyStore:
 
     def _cached(self, key: tuple[str, str], func: Callable[[Any], T]) -> Deferred[T]:
         return self._cache.get_or_fetch(key, lambda: self._run(func))
-
-    def _run(self, func: Callable[[Any], T]) -> Deferred[T]:
-        def work(conn: Any) -> T:
-            if not self._ready:
-                create_tables(conn, self.dialect)
-                self._ready = True
-            return func(conn)
-
-        return self._runner._run(work)
 
     def close(self) -> None:
         """Close the pool."""

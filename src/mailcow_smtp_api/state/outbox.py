@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 
 from ..core.outbox import NewMessage, Outcome, RecipientFate, Row, Status, row_from_values
 from ..mailcow.db import MARIADB, Dialect, MailcowDatabase, driver_errors, query_rows
-from .store import execute, transaction
+from .store import TablesOnFirstUse, execute, transaction
 
 T = TypeVar("T")
 TABLE = "smtpapi_outbox"
@@ -203,18 +203,17 @@ def begin_handover(conn: Any, dialect: Dialect, message: str, token: str, now: f
 
 def settle(conn: Any, dialect: Dialect, row: Row, token: str, outcome: Outcome) -> bool:
     """Record ``outcome`` on a message this claim holds, and release the claim; False when lost."""
-    attempts = [*row.attempts, *([outcome.attempt] if outcome.attempt else [])]
-    fates = {**row.fates, **(outcome.fates or {})}
+    after = row.settled(outcome)
     params = {
         "id": row.id,
         "token": token,
-        "status": outcome.status.value,
-        "attempts": json.dumps([a.as_json() for a in attempts]),
-        "not_before": outcome.not_before if outcome.not_before is not None else row.not_before,
-        "queue_id": outcome.queue_id if outcome.queue_id is not None else row.queue_id,
-        "fates": json.dumps({k: v.as_json() for k, v in fates.items()}),
-        "now": outcome.now,
-        "keep": outcome.keep_until,
+        "status": after.status.value,
+        "attempts": json.dumps([a.as_json() for a in after.attempts]),
+        "not_before": after.not_before,
+        "queue_id": after.queue_id,
+        "fates": json.dumps({k: v.as_json() for k, v in after.fates.items()}),
+        "now": after.updated_at,
+        "keep": after.keep_until,
     }
     body = ", body = NULL" if outcome.drop_body else ""
     sql = (
@@ -309,19 +308,16 @@ class OutboxStore:
         self._runner = runner
         self.dialect = runner.dialect
         self._enqueue = enqueue
-        self._more_tables = more_tables
-        self._ready = False
+
+        def create(conn: Any, dialect: Dialect) -> None:
+            create_tables(conn, dialect)
+            if more_tables is not None:
+                more_tables(conn, dialect)
+
+        self._tables = TablesOnFirstUse(runner, create)
 
     def _run(self, func: Callable[[Any, Dialect], T]) -> Deferred[T]:
-        def work(conn: Any) -> T:
-            if not self._ready:
-                create_tables(conn, self.dialect)
-                if self._more_tables is not None:
-                    self._more_tables(conn, self.dialect)
-                self._ready = True
-            return func(conn, self.dialect)
-
-        return self._runner._run(work)
+        return self._tables(lambda conn: func(conn, self.dialect))
 
     def _events(self, conn: Any, dialect: Dialect, events: Sequence[Any]) -> None:
         if self._enqueue is not None:

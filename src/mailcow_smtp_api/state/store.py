@@ -149,6 +149,27 @@ def transaction(conn: Any, dialect: Dialect) -> Iterator[None]:
     execute(conn, dialect, "COMMIT")
 
 
+class TablesOnFirstUse:
+    """Runs work through the state database's pooled runner, creating its tables (``create``) on
+    the first call that reaches the database, so that a database down at start-up stops nothing."""
+
+    def __init__(self, runner: MailcowDatabase, create: Callable[[Any, Dialect], None]) -> None:
+        self._runner = runner
+        self._create = create
+        self._ready = False
+
+    def __call__(self, func: Callable[[Any], T]) -> Deferred[T]:
+        """``func(conn)`` in the pool: with the ping before use, the timeout and the queue bound."""
+
+        def work(conn: Any) -> T:
+            if not self._ready:
+                self._create(conn, self._runner.dialect)
+                self._ready = True
+            return func(conn)
+
+        return self._runner._run(work)
+
+
 def _record(row: tuple[Any, ...]) -> Record:
     scope, key, print_, token, state, created, lease, expires, status, code, body = row
     return Record(
@@ -244,7 +265,7 @@ class IdempotencyStore:
         self._runner = runner
         self.dialect = dialect
         self.description = description
-        self._table_ready = False
+        self._tables = TablesOnFirstUse(runner, create_table)
 
     def claim(self, claim: Claim) -> Deferred[Record | None]:
         """Fire None when the key is now ours, or with the live record holding it."""
@@ -271,15 +292,7 @@ class IdempotencyStore:
         self._runner.close()
 
     def _run(self, func: Callable[[Any], T]) -> Deferred[T]:
-        def work(conn: Any) -> T:
-            if not self._table_ready:
-                create_table(conn, self.dialect)
-                self._table_ready = True
-            return func(conn)
-
-        # MailcowDatabase's runner brings the ping before use, the timeout and the queue bound.
-        d: Deferred[T] = self._runner._run(work)
-        return d.addErrback(_unavailable)
+        return self._tables(func).addErrback(_unavailable)
 
 
 def _unavailable(failure: Failure) -> Failure:

@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 
 from ..core.webhooks import WebhookEvent, payload
 from ..mailcow.db import MARIADB, Dialect, MailcowDatabase, driver_errors, query_rows
-from .store import execute, transaction
+from .store import TablesOnFirstUse, execute, transaction
 
 T = TypeVar("T")
 
@@ -257,7 +257,7 @@ class WebhookStore:
     def __init__(self, runner: MailcowDatabase) -> None:
         self._runner = runner
         self.dialect = runner.dialect
-        self._ready = False
+        self._run = TablesOnFirstUse(runner, create_tables)
 
     def enqueue(self, event: WebhookEvent, give_up_at: float) -> Deferred[bool]:
         """Queue one event on its own (the outbox queues its events in its own transactions instead);
@@ -288,11 +288,3 @@ class WebhookStore:
         """Close the pool."""
         self._runner.close()
 
-    def _run(self, func: Callable[[Any], T]) -> Deferred[T]:
-        def work(conn: Any) -> T:
-            if not self._ready:
-                create_tables(conn, self.dialect)
-                self._ready = True
-            return func(conn)
-
-        return self._runner._run(work)
