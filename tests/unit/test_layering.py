@@ -2,7 +2,7 @@
 
     core/                      pure values and rules: stdlib, attrs and a few pure libraries only
     service.py, abuse.py       the use case, over Protocols: core only
-    mailcow/ smtp/ state/ web/ adapters: core, the use case and each other, never tap or cli
+    mailcow/ smtp/ state/ web/ compat/   adapters: core, the use case and each other, never tap or cli
     tap.py, cli.py, keyadmin.py   wiring and the admin command: anything
 """
 
@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).parents[2] / "src" / "mailcow_smtp_api"
 FORBIDDEN = ("twisted", "klein", "treq", "pymysql", "sqlite3", "socket", "OpenSSL", "txredisapi", "prometheus_client")
 USE_CASE = ("service", "abuse", "delivery")
-ADAPTERS = ("mailcow", "smtp", "state", "web")
+ADAPTERS = ("mailcow", "smtp", "state", "web", "compat")
 WIRING = ("tap", "cli", "keyadmin")
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
+
 from .errors import ApiError
 from .model import SendRequest, SubmitResult
 
@@ -82,3 +84,32 @@ def error_body(err: ApiError, request: SendRequest | None, request_id: str, key:
     if err.detail:
         entry["detail"] = err.detail
     return [entry]
+
+
+@attrs.frozen
+class ItemResult:
+    """One message's outcome in the native pipeline's terms, for a front end that answers in
+    another shape (a batch item, a Mailgun or Postmark answer).
+
+    ``status`` and ``code`` are the native answer's (200 ``smtp_mail_sent``, 202
+    ``smtp_mail_accepted``, 200 ``smtp_dry_run``, or an error's); ``field`` is the native field
+    an error names; ``message_id`` is the ``<left@right>`` id of a message that was sent, queued
+    or built; ``status_id`` its status record's id, when one was written; ``recipients`` the
+    envelope recipients.
+    """
+
+    status: int
+    code: str
+    message: str = ""
+    field: str | None = None
+    message_id: str | None = None
+    status_id: str | None = None
+    recipients: tuple[str, ...] = ()
+    retry_after: int | None = None
+    # A dry run's message: {"envelope": {"from", "to"}, "message": base64 of the exact bytes}.
+    dry_run: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the message was sent, queued or (dry run) built."""
+        return self.status in (200, 202)

@@ -323,14 +323,18 @@ def _attachment(value: Any, index: int) -> Attachment:
         _fail("smtp_invalid_attachment", f"{where}.{unknown[0]}", f"unknown attachment field(s): {', '.join(unknown)}")
     filename = _filename(value.get("filename"), f"{where}.filename")
     content = value.get("content")
-    if not isinstance(content, str):
+    if isinstance(content, bytes):
+        # Already decoded: a compatibility front end's file part. JSON never yields bytes.
+        data = content
+    elif not isinstance(content, str):
         _fail("smtp_invalid_attachment", f"{where}.content", "attachment 'content' must be a base64 string")
-    try:
-        # Strict mode refuses anything but the alphabet and well-placed padding. Given the str, the
-        # decoder reads its ASCII buffer directly: no bytes copy of megabytes of base64.
-        data = binascii.a2b_base64(content, strict_mode=True)
-    except (binascii.Error, ValueError):
-        _fail("smtp_invalid_attachment", f"{where}.content", "attachment 'content' is not strict base64 (no line breaks; try base64 -w 0)")
+    else:
+        try:
+            # Strict mode refuses anything but the alphabet and well-placed padding. Given the str, the
+            # decoder reads its ASCII buffer directly: no bytes copy of megabytes of base64.
+            data = binascii.a2b_base64(content, strict_mode=True)
+        except (binascii.Error, ValueError):
+            _fail("smtp_invalid_attachment", f"{where}.content", "attachment 'content' is not strict base64 (no line breaks; try base64 -w 0)")
     content_type = value.get("content_type")
     if content_type is None or content_type == "":
         content_type = "application/octet-stream"
