@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import attrs
 
 from .core.errors import ApiError
-from .core.ratelimit import Decision, Limit, MemoryBuckets, Policy, exempt
+from .core.ratelimit import Decision, Limit, MemoryBuckets, Policy, exempt, judge
 from .core.sendkeys import SendKey
 
 # netfilter-mailcow's default rule 1: 'mailcow UI: Invalid password for .+ by ([0-9a-f\.:]+)'.
@@ -152,10 +152,13 @@ class AbuseControls:
                 field="from",
             )
 
-    async def admit(self, login: str, sender: str, recipients: Sequence[str], key: SendKey | None) -> Decision | None:
+    async def admit(
+        self, login: str, sender: str, recipients: Sequence[str], key: SendKey | None, charge: bool = True
+    ) -> Decision | None:
         """Charge the message's recipients; the decision (None when no limit applies at all).
 
-        The caller refuses a decision that is not admitted (``rate_limited``).
+        ``charge=False`` (a dry run) judges the same buckets without filling them. The caller
+        refuses a decision that is not admitted (``rate_limited``).
         """
         mailcow_applies = not exempt(login, recipients)
         domain = sender.rpartition("@")[2]
@@ -166,6 +169,10 @@ class AbuseControls:
         policies = policies_for(login, domain, login_limit, domain_limit, key)
         if not policies:
             return None
+        if not charge:
+            # Taking nothing reads each bucket's level after leaking; the verdict is the one a send would get.
+            looked = await self.buckets.take(policies, 0)
+            return judge(policies, [state.level for state in looked.buckets], len(recipients))
         return await self.buckets.take(policies, len(recipients))
 
     def report_failure(self, who: str, ip: str) -> None:

@@ -22,6 +22,7 @@ from .core.errors import API_AUTH_FAILED, ApiError, SmtpFailure, smtp_failure_to
 from .core.idempotency import Answer, Claim, Record, State, Verdict
 from .core.mime import build_message_parts, envelope_for, make_message_id
 from .core.model import (
+    Address,
     Credentials,
     Envelope,
     MessageData,
@@ -31,6 +32,7 @@ from .core.model import (
     SubmitResult,
 )
 from .core.ratelimit import Decision
+from .core.rawmime import raw_message_data
 from .core.responses import error_body
 from .core.sendkeys import SendKey, check_key, key_id_of, looks_like_send_key, parse_token
 from .core.senders import not_a_mailbox
@@ -134,7 +136,8 @@ BUILD_OFFLOAD_BYTES = 64 * 1024
 
 def _size(request: SendRequest) -> int:
     """Roughly how many bytes the message will have before encoding."""
-    return len(request.body) + len(request.html_body) + sum(len(a.content) for a in request.attachments)
+    raw = len(request.raw.data) if request.raw is not None else 0
+    return raw + len(request.body) + len(request.html_body) + sum(len(a.content) for a in request.attachments)
 
 
 @attrs.frozen
@@ -283,16 +286,19 @@ class SendService:
         else:
             if request.password is not None:
                 credentials = await self._credentials_for(target, request, client_ip)
-            decision = await self.senders.authorize_sender(request.login, request.sender.wire)
-            if not decision.allowed:
-                raise sender_refused(request, decision.reason)
+            for sender in _senders(request):
+                decision = await self.senders.authorize_sender(request.login, sender.wire)
+                if not decision.allowed:
+                    raise sender_refused(request, decision.reason, sender)
         envelope = envelope_for(request)
         await self._within_limits(request, envelope, client_ip, key, progress)
-        message_id = request.message_id or make_message_id(self.new_token(), request.sender)
+        message_id = _message_id_of(request) or make_message_id(self.new_token(), request.sender)
         extra = (("X-Request-Id", request_id),) if request_id else ()
         date = self.now()
 
         def build() -> MessageData:
+            if request.raw is not None:
+                return raw_message_data(request.raw, message_id=message_id, date=date, extra_headers=extra)
             return build_message_parts(request, message_id=message_id, date=date, extra_headers=extra)
 
         # Building megabytes of MIME (base64 of the attachments) must not stall the reactor.
@@ -351,7 +357,7 @@ class SendService:
     ) -> None:
         """mailcow's SMTP allow list for the login, then the rate limits, charged in envelope recipients."""
         await self.abuse.check_access(request.login, client_ip)
-        decision = await self.abuse.admit(request.login, envelope.sender, envelope.recipients, key)
+        decision = await self.abuse.admit(request.login, envelope.sender, envelope.recipients, key, charge=not request.dry_run)
         if progress is not None:
             progress.rate = decision
         if decision is not None and not decision.admitted:
@@ -361,13 +367,14 @@ class SendService:
         """No password: allowed only by --port25-no-password-from, and only for a local ``from``."""
         if target.security is not Security.PLAIN or not self._internal_caller(client_ip):
             raise ApiError.of("smtp_auth_required", field="password")
-        if not await self.senders.sender_has_owner(request.sender.wire):
-            raise ApiError.of(
-                "smtp_unauthorized_sender",
-                f"{request.sender.wire} is not a mailbox or alias of this mailcow server",
-                field="from",
-                detail={"reason": f"no owner for {request.sender.wire}"},
-            )
+        for sender in _senders(request):
+            if not await self.senders.sender_has_owner(sender.wire):
+                raise ApiError.of(
+                    "smtp_unauthorized_sender",
+                    f"{sender.wire} is not a mailbox or alias of this mailcow server",
+                    field=_sender_field(request, sender),
+                    detail={"reason": f"no owner for {sender.wire}"},
+                )
         return None
 
     async def _credentials_for(self, target: SmtpTarget, request: SendRequest, client_ip: str) -> Credentials | None:
@@ -401,14 +408,40 @@ def _bound_to_key(request: SendRequest, key: SendKey) -> SendRequest:
             f"this send key is bound to {key.login}; leave smtp_user out or set it to {key.login}",
             field="smtp_user",
         )
-    if not key.may_send_as(request.sender.wire):
-        raise ApiError.of(
-            "smtp_unauthorized_sender",
-            f"this send key may send only as {', '.join(key.senders)}",
-            field="from",
-        )
+    for sender in _senders(request):
+        if not key.may_send_as(sender.wire):
+            raise ApiError.of(
+                "smtp_unauthorized_sender",
+                f"this send key may send only as {', '.join(key.senders)}",
+                field=_sender_field(request, sender),
+            )
     return attrs.evolve(request, login=key.login.lower())
-def sender_refused(request: SendRequest, reason: str) -> ApiError:
+
+
+def _senders(request: SendRequest) -> tuple[Address, ...]:
+    """Every address the login must be allowed to send as: ``from`` (MAIL FROM), and for a raw
+    message also its header From when that differs."""
+    raw = request.raw
+    if raw is None or raw.header_from.wire.lower() == request.sender.wire.lower():
+        return (request.sender,)
+    return (request.sender, raw.header_from)
+
+
+def _sender_field(request: SendRequest, sender: Address) -> str:
+    """The field an answer about ``sender`` names."""
+    if request.raw is None:
+        return "from"
+    return "envelope.from" if sender is request.sender and sender is not request.raw.header_from else "message.From"
+
+
+def _message_id_of(request: SendRequest) -> str | None:
+    """The caller's Message-ID: the request's, or the one a raw message carries."""
+    if request.raw is not None:
+        return request.raw.message_id
+    return request.message_id
+
+
+def sender_refused(request: SendRequest, reason: str, sender: Address | None = None) -> ApiError:
     """403 smtp_unauthorized_sender, saying what to change.
 
     A login that is no mailbox at all is mostly ``from`` standing in for a missing ``smtp_user``
@@ -423,10 +456,11 @@ def sender_refused(request: SendRequest, reason: str) -> ApiError:
         else:
             message = f"smtp_user {request.login} is not a mailbox: smtp_user must be a mailbox's login"
         return ApiError.of("smtp_unauthorized_sender", message, field="smtp_user", detail={"reason": reason})
+    sender = sender or request.sender
     return ApiError.of(
         "smtp_unauthorized_sender",
-        f"{request.login} may not send as {request.sender.wire}",
-        field="from",
+        f"{request.login} may not send as {sender.wire}",
+        field=_sender_field(request, sender),
         detail={"reason": reason},
     )
 

@@ -44,6 +44,7 @@ _HELP = {
     "body (408 after that, so a client sending a byte now and then cannot hold a connection open)",
     "max-recipients": "most recipients (to+cc+bcc) in one request",
     "max-attachments": "most attachments in one request",
+    "max-batch": "most messages in one POST /api/v1/send/batch (1-1000)",
     "trusted-proxies": "IPs/networks whose X-Forwarded-For is believed (e.g. mailcow's nginx); "
     "default: none, the TCP peer is the client",
     "port25-no-password-from": "RISKY: client IPs/networks that may send on a port-25 (plain) target without a "

@@ -356,6 +356,7 @@ WRONG_TYPES: dict[str, tuple[list[Any], set[str]]] = {
     # Well-formed times are refused too here: send_at needs Prefer: respond-async.
     "send_at": (_NOT_A_STRING + ["", "tomorrow", "2027-01-31", "2027-01-31T09:00:00", "2027-02-30T09:00:00Z",
                                  "2027-01-31T09:00:00Z\r\nX: y", "2027-01-31T09:00:00Z"], {"smtp_invalid_send_at"}),
+    "dry_run": ([1, 0, "true", "yes", None, [], {}, [True], 1.0], {"smtp_invalid_field"}),
 }
 
 
@@ -1093,6 +1094,7 @@ FIELD_STRATEGIES: dict[str, Any] = {
         json_junk,
     ),
     "send_at": st.one_of(st.sampled_from(["2027-01-31T09:00:00Z", "2027-01-31T09:00:00+01:00"]), hostile_text, json_junk),
+    "dry_run": st.one_of(st.just(False), hostile_text, json_junk),
 }
 
 

@@ -87,6 +87,7 @@ class Config:
     request_timeout: float = 300.0
     max_recipients: int = 100
     max_attachments: int = 50
+    max_batch: int = 100
     trusted_proxies: tuple[str, ...] = ()
     port25_no_password_from: tuple[str, ...] = ()
     local_auth_threads: int = 4
@@ -155,6 +156,7 @@ OPTION_DEFAULTS: dict[str, str | None] = {
     "request-timeout": str(int(_DEFAULTS.request_timeout)),
     "max-recipients": str(_DEFAULTS.max_recipients),
     "max-attachments": str(_DEFAULTS.max_attachments),
+    "max-batch": str(_DEFAULTS.max_batch),
     "trusted-proxies": "",
     "port25-no-password-from": "",
     "local-auth-threads": str(_DEFAULTS.local_auth_threads),
@@ -430,6 +432,7 @@ def from_options(options: Mapping[str, object], environ: Mapping[str, str] | Non
         request_timeout=_float(text["request-timeout"] or "", "request-timeout", 1.0, 3600.0),
         max_recipients=_int(text["max-recipients"] or "", "max-recipients", 1, 10000),
         max_attachments=_int(text["max-attachments"] or "", "max-attachments", 0, 10000),
+        max_batch=_int(text["max-batch"] or "", "max-batch", 1, 1000),
         trusted_proxies=parse_networks(text["trusted-proxies"] or "", "trusted-proxies"),
         port25_no_password_from=parse_networks(text["port25-no-password-from"] or "", "port25-no-password-from"),
         local_auth_threads=_int(text["local-auth-threads"] or "", "local-auth-threads", 1, 64),

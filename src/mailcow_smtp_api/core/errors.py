@@ -72,6 +72,13 @@ CODES: dict[str, tuple[int, str]] = {
         403,
         "sending with a send key and no password needs a plain (port 25) target in --smtp-allow",
     ),
+    # a caller's own message (POST /api/v1/send/raw), batches, dry runs
+    "smtp_invalid_raw_message": (
+        400,
+        "'message' must be a base64 RFC 5322 message: one From header, header fields in ASCII, lines of at most 998 octets",
+    ),
+    "smtp_dry_run": (200, "every check passed; the message was built and not sent (dry_run)"),
+    "smtp_too_many_messages": (400, "too many messages in one batch (--max-batch)"),
     # the outbox: accept now, deliver when postfix can (Prefer: respond-async), and status
     "smtp_outbox_full": (503, "the outbox is full (--outbox-max-messages / --outbox-max-bytes); retry after Retry-After"),
     "smtp_async_unavailable": (

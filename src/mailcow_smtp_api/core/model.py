@@ -124,6 +124,21 @@ class Credentials:
 
 
 @attrs.frozen
+class RawMessage:
+    """A caller's own message, checked and normalised (``rawmime.parse_raw_message``).
+
+    ``data`` is the whole message, CRLF line ends, without ``Bcc``; ``message_id`` is its own
+    Message-ID when it has one; ``subject`` is its Subject as written (for logs).
+    """
+
+    header_from: Address
+    data: bytes = attrs.field(repr=False)
+    message_id: str | None = None
+    has_date: bool = False
+    subject: str = ""
+
+
+@attrs.frozen
 class SendRequest:
     """A validated send request. Built only by ``validate.parse_request``.
 
@@ -150,6 +165,8 @@ class SendRequest:
     references: tuple[str, ...] = ()
     list_unsubscribe: ListUnsubscribe | None = None
     send_at: float | None = None  # unix seconds; only with Prefer: respond-async
+    dry_run: bool = False  # every check, then the message back instead of sending it
+    raw: RawMessage | None = None  # the caller's own message (POST /api/v1/send/raw); the fields above are its envelope
 
     def recipients(self) -> tuple[Address, ...]:
         """Every to/cc/bcc address once, first occurrence wins, compared case-insensitively."""

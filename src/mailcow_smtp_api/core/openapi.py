@@ -124,7 +124,59 @@ def _send_request_schema() -> dict[str, Any]:
             "smtp_user": {**_ADDRESS, "type": ["string", "null"], "description": "Mailbox login; defaults to from."},
             "password": {"type": ["string", "null"], "writeOnly": True, "description": "Mailbox password."},
             "app_password": {"type": ["string", "null"], "writeOnly": True, "description": "mailcow app password."},
+            "dry_run": {
+                "type": "boolean",
+                "description": "true: every check runs (key, sender rule, limits judged but not charged) and the "
+                "answer is smtp_dry_run with the envelope and the exact message bytes; nothing is sent.",
+            },
         },
+    }
+
+
+def _raw_request_schema() -> dict[str, Any]:
+    common = _send_request_schema()["properties"]
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["message", "envelope"],
+        "properties": {
+            "message": {
+                "type": "string",
+                "contentEncoding": "base64",
+                "contentMediaType": "message/rfc822",
+                "description": "The whole RFC 5322 message: exactly one From (the login must be allowed to send as "
+                "it), header fields in ASCII, lines of at most 998 octets. Line ends become CRLF, Bcc fields are "
+                "removed, and Message-ID and Date are added when missing; nothing else changes.",
+            },
+            "envelope": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["to"],
+                "properties": {
+                    "from": {**_ADDRESS, "description": "MAIL FROM; the header From when left out."},
+                    "to": {**_ADDRESS_LIST, "minItems": 1, "description": "RCPT TO: every recipient, Bcc included."},
+                },
+            },
+            **{name: common[name] for name in ("smtp_host", "smtp_port", "smtp_user", "password", "app_password", "send_at", "dry_run")},
+        },
+    }
+
+
+def _batch_request_schema() -> dict[str, Any]:
+    item = _send_request_schema()
+    item["properties"]["idempotency_key"] = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        "description": "This message's own Idempotency-Key; without it, the request's Idempotency-Key header "
+        "with ':<index>' appended, when given.",
+    }
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["messages"],
+        "properties": {"messages": {"type": "array", "minItems": 1, "maxItems": 1000, "items": item,
+                                    "description": "At most --max-batch messages."}},
     }
 
 
@@ -153,7 +205,7 @@ def _error_list(codes: list[str]) -> dict[str, Any]:
 def _by_status() -> dict[int, list[str]]:
     table: dict[int, list[str]] = {}
     for code, (status, _) in CODES.items():
-        if code == "smtp_partially_sent":
+        if status < 300:  # success codes (smtp_partially_sent, smtp_dry_run) are no error answers
             continue
         table.setdefault(status, []).append(code)
     # smtp_error also answers 503 and 504 (unreachable / timeout); see errors.smtp_failure_to_api_error.
@@ -236,6 +288,55 @@ def document() -> dict[str, Any]:
                 "status": {"enum": ["queued", "scheduled"]},
                 "message_id": {"type": "string"},
                 "send_at": {"type": ["number", "null"], "description": "unix seconds"},
+            },
+        },
+    }
+    dry_run = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["type", "log", "msg", "message_id", "target", "envelope", "message"],
+            "properties": {
+                "type": {"const": "success"},
+                "log": {"type": "array"},
+                "msg": {"type": "array", "prefixItems": [{"const": "smtp_dry_run"}], "description": "[smtp_dry_run, from, to list]"},
+                "message_id": {"type": "string"},
+                "target": {"type": "string", "description": "host:port a send would submit to"},
+                "envelope": {
+                    "type": "object",
+                    "properties": {"from": {"type": "string"}, "to": {"type": "array", "items": {"type": "string"}}},
+                },
+                "message": {
+                    "type": "string",
+                    "contentEncoding": "base64",
+                    "description": "The exact bytes a send hands to postfix (CRLF line ends, before dot-stuffing).",
+                },
+            },
+        },
+    }
+    batch_result = {
+        "type": "object",
+        "required": ["request_id", "ok", "failed", "results"],
+        "properties": {
+            "request_id": {"type": "string"},
+            "key": {"type": "string"},
+            "ok": {"type": "integer", "description": "messages sent, accepted into the outbox or built (dry run)"},
+            "failed": {"type": "integer"},
+            "results": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "status", "code", "answer"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "status": {"type": "integer", "description": "the HTTP status this message alone would have had"},
+                        "code": {"type": "string", "description": "smtp_mail_sent, smtp_mail_accepted, smtp_dry_run or an error code"},
+                        "message_id": {"type": ["string", "null"]},
+                        "id": {"type": ["string", "null"], "description": "its status record"},
+                        "replayed": {"type": "boolean"},
+                        "answer": {"description": "the answer POST /api/v1/send/email would have given for it"},
+                    },
+                },
             },
         },
     }
@@ -371,9 +472,10 @@ def document() -> dict[str, Any]:
                     },
                     "responses": {
                         "200": {
-                            "description": "smtp_mail_sent, or smtp_partially_sent when some recipients were refused",
+                            "description": "smtp_mail_sent, or smtp_partially_sent when some recipients were refused; "
+                            "smtp_dry_run for dry_run: true",
                             "headers": send_headers,
-                            "content": {"application/json": {"schema": success}},
+                            "content": {"application/json": {"schema": {"oneOf": [success, dry_run]}}},
                         },
                         "202": {
                             "description": "Prefer: respond-async: every check passed and the message is stored in the "
@@ -384,6 +486,43 @@ def document() -> dict[str, Any]:
                                 "Location": {"schema": {"type": "string"}, "description": "/api/v1/send/status/{id}"},
                             },
                             "content": {"application/json": {"schema": accepted}},
+                        },
+                        **error_responses,
+                    },
+                }
+            },
+            "/api/v1/send/raw": {
+                "post": {
+                    "operationId": "sendRaw",
+                    "security": [{"apiKey": []}],
+                    "description": "Send the caller's own RFC 5322 message to an envelope. The sender rule applies to "
+                    "the envelope sender and to the header From. Prefer and Idempotency-Key as for /api/v1/send/email.",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": _raw_request_schema()}}},
+                    "responses": {
+                        "200": {
+                            "description": "smtp_mail_sent / smtp_partially_sent, or smtp_dry_run",
+                            "headers": send_headers,
+                            "content": {"application/json": {"schema": {"oneOf": [success, dry_run]}}},
+                        },
+                        "202": {"description": "Prefer: respond-async: stored in the outbox", "headers": send_headers,
+                                "content": {"application/json": {"schema": accepted}}},
+                        **error_responses,
+                    },
+                }
+            },
+            "/api/v1/send/batch": {
+                "post": {
+                    "operationId": "sendBatch",
+                    "security": [{"apiKey": []}],
+                    "description": "Up to --max-batch messages of /api/v1/send/email's shape, each checked and sent on its "
+                    "own over the pooled sessions (Prefer: respond-async queues each): one message's failure never "
+                    "affects another. Each has its own result and its own idempotency_key.",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": _batch_request_schema()}}},
+                    "responses": {
+                        "200": {
+                            "description": "one result per message, in order (some may have failed)",
+                            "headers": {"X-Request-Id": send_headers["X-Request-Id"]},
+                            "content": {"application/json": {"schema": batch_result}},
                         },
                         **error_responses,
                     },

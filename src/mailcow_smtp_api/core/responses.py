@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import attrs
@@ -67,6 +68,26 @@ def success_body(
         ]
         entry["refused"] = [r.address for r in result.refused]
     return [entry]
+
+
+def dry_run_body(prepared: Any, request_id: str, key: str = "") -> list[dict[str, Any]]:
+    """200 body of a dry run: the envelope and the exact message bytes (base64) that a send would
+    hand to the SMTP server, line ends CRLF, before dot-stuffing. ``prepared`` is the service's
+    ``Prepared``."""
+    request: SendRequest = prepared.request
+    message = prepared.message
+    data = message if isinstance(message, bytes) else b"".join(message)
+    return [
+        {
+            "type": "success",
+            "log": request_log(request, request_id, key),
+            "msg": ["smtp_dry_run", request.sender.wire, ", ".join(a.wire for a in request.to)],
+            "message_id": prepared.message_id,
+            "target": str(prepared.target),
+            "envelope": {"from": prepared.envelope.sender, "to": list(prepared.envelope.recipients)},
+            "message": base64.b64encode(data).decode("ascii"),
+        }
+    ]
 
 
 def error_body(err: ApiError, request: SendRequest | None, request_id: str, key: str = "") -> Any:

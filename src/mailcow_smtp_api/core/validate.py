@@ -38,7 +38,7 @@ KNOWN_FIELDS = frozenset(
     {
         "from", "to", "cc", "bcc", "reply_to", "subject", "body", "html_body", "attachments",
         "smtp_host", "smtp_port", "smtp_user", "password", "app_password",
-        "headers", "message_id", "in_reply_to", "references", "list_unsubscribe", "send_at",
+        "headers", "message_id", "in_reply_to", "references", "list_unsubscribe", "send_at", "dry_run",
     }
 )
 ATTACHMENT_FIELDS = frozenset({"filename", "content", "content_type", "content_id", "disposition"})
@@ -215,15 +215,19 @@ def _mailbox(value: str) -> Address | str:
     return Address(local=local, domain=domain.lower(), domain_ascii=domain_ascii, display_name=display)
 
 
-def _address_list(obj: Mapping[str, Any], field: str, code: str, required: bool) -> tuple[Address, ...]:
+def parse_address_list(
+    obj: Mapping[str, Any], field: str, code: str, required: bool, where: str | None = None
+) -> tuple[Address, ...]:
+    """``obj[field]``: a JSON array of addresses; errors name ``where`` (default: ``field``)."""
+    where = where or field
     value = obj.get(field)
     if value is None or value == []:
         if required:
-            _fail("smtp_missing_recipients", field)
+            _fail("smtp_missing_recipients", where)
         return ()
     if not isinstance(value, list):
-        _fail(code, field, f"'{field}' must be a JSON array of email addresses")
-    return tuple(parse_address(item, f"{field}[{i}]", code) for i, item in enumerate(value))
+        _fail(code, where, f"'{where}' must be a JSON array of email addresses")
+    return tuple(parse_address(item, f"{where}[{i}]", code) for i, item in enumerate(value))
 
 
 # --------------------------------------------------------------------------- scalars
@@ -274,7 +278,7 @@ def _decoded_control(value: str) -> bool:
     return bool(_CONTROL.search(decoded.replace("\t", " ")))
 
 
-def _port(obj: Mapping[str, Any]) -> int | None:
+def smtp_port_of(obj: Mapping[str, Any]) -> int | None:
     value = obj.get("smtp_port")
     if value is None:
         return None
@@ -284,7 +288,7 @@ def _port(obj: Mapping[str, Any]) -> int | None:
     return value
 
 
-def _host(obj: Mapping[str, Any]) -> str | None:
+def smtp_host_of(obj: Mapping[str, Any]) -> str | None:
     value = _optional_str(obj, "smtp_host")
     if value is None:
         return None
@@ -433,7 +437,7 @@ def _check_inline_parts(html: str, attachments: Sequence[Attachment]) -> None:
 # --------------------------------------------------------------------------- headers and ids
 
 
-def _message_id(value: Any, field: str) -> str:
+def message_id_value(value: Any, field: str) -> str:
     if not isinstance(value, str) or len(value) > _MAX_MSG_ID or not _MSG_ID.fullmatch(value):
         _fail("smtp_invalid_message_id", field, f"'{field}' must be one message id such as <unique.part@example.com>")
     return value
@@ -441,7 +445,7 @@ def _message_id(value: Any, field: str) -> str:
 
 def _optional_message_id(obj: Mapping[str, Any], field: str) -> str | None:
     value = obj.get(field)
-    return None if value is None else _message_id(value, field)
+    return None if value is None else message_id_value(value, field)
 
 
 def _references(obj: Mapping[str, Any]) -> tuple[str, ...]:
@@ -452,7 +456,7 @@ def _references(obj: Mapping[str, Any]) -> tuple[str, ...]:
     items = value.split() if isinstance(value, str) else value
     if not isinstance(items, list) or len(items) > MAX_REFERENCES:
         _fail("smtp_invalid_message_id", "references", f"'references' must be an array of at most {MAX_REFERENCES} message ids")
-    return tuple(_message_id(item, f"references[{i}]") for i, item in enumerate(items))
+    return tuple(message_id_value(item, f"references[{i}]") for i, item in enumerate(items))
 
 
 def header_owned(name: str, list_unsubscribe: bool = False) -> bool:
@@ -543,7 +547,7 @@ def _list_unsubscribe(obj: Mapping[str, Any]) -> ListUnsubscribe | None:
 # --------------------------------------------------------------------------- the request
 
 
-def _password(obj: Mapping[str, Any], port: int | None, policy: ParsePolicy) -> str | None:
+def password_of(obj: Mapping[str, Any], port: int | None, policy: ParsePolicy) -> str | None:
     password = _optional_str(obj, "password")
     app_password = _optional_str(obj, "app_password")
     if password and app_password and password != app_password:
@@ -559,7 +563,7 @@ def _password(obj: Mapping[str, Any], port: int | None, policy: ParsePolicy) -> 
     return secret
 
 
-def _optional_send_at(obj: dict[str, Any]) -> float | None:
+def send_at_of(obj: Mapping[str, Any]) -> float | None:
     """``send_at``: an RFC 3339 time with its zone (``2027-01-31T09:00:00Z``), as unix seconds.
 
     Whether it lies in the allowed window depends on the clock: the outbox checks that.
@@ -576,6 +580,22 @@ def _optional_send_at(obj: dict[str, Any]) -> float | None:
     return moment.timestamp()
 
 
+def smtp_login_of(obj: Mapping[str, Any], sender: Address) -> str:
+    """The SMTP login: ``smtp_user`` when given, else ``from``; lower case."""
+    login = sender.wire
+    if obj.get("smtp_user") is not None:
+        login = parse_address(obj["smtp_user"], "smtp_user", "smtp_invalid_smtp_user").wire
+    return login.lower()
+
+
+def dry_run_of(obj: Mapping[str, Any]) -> bool:
+    """``dry_run``: true runs every check and answers with the message, without sending it."""
+    value = obj.get("dry_run", False)
+    if not isinstance(value, bool):
+        _fail("smtp_invalid_field", "dry_run", "'dry_run' must be true or false")
+    return value
+
+
 def parse_request(obj: dict[str, Any], policy: ParsePolicy | None = None) -> SendRequest:
     """Turn a decoded JSON object into a ``SendRequest`` or raise the ``ApiError`` for the first bad field."""
     policy = policy or ParsePolicy()
@@ -587,9 +607,9 @@ def parse_request(obj: dict[str, Any], policy: ParsePolicy | None = None) -> Sen
     count = sum(len(obj[field]) for field in ("to", "cc", "bcc") if isinstance(obj.get(field), list))
     if count > policy.max_recipients:
         _fail("smtp_too_many_recipients", "to", f"at most {policy.max_recipients} recipients (to, cc and bcc together) per request")
-    to = _address_list(obj, "to", "smtp_invalid_recipient", required=True)
-    cc = _address_list(obj, "cc", "smtp_invalid_cc", required=False)
-    bcc = _address_list(obj, "bcc", "smtp_invalid_bcc", required=False)
+    to = parse_address_list(obj, "to", "smtp_invalid_recipient", required=True)
+    cc = parse_address_list(obj, "cc", "smtp_invalid_cc", required=False)
+    bcc = parse_address_list(obj, "bcc", "smtp_invalid_bcc", required=False)
     reply_to = None
     if obj.get("reply_to") is not None:
         reply_to = parse_address(obj["reply_to"], "reply_to", "smtp_invalid_reply_to")
@@ -601,11 +621,8 @@ def parse_request(obj: dict[str, Any], policy: ParsePolicy | None = None) -> Sen
     _check_inline_parts(html_body, attachments)
     list_unsubscribe = _list_unsubscribe(obj)
     headers = _custom_headers(obj, list_unsubscribe is not None)
-    port = _port(obj)
-    host = _host(obj)
-    login = sender.wire
-    if obj.get("smtp_user") is not None:
-        login = parse_address(obj["smtp_user"], "smtp_user", "smtp_invalid_smtp_user").wire
+    port = smtp_port_of(obj)
+    host = smtp_host_of(obj)
     return SendRequest(
         sender=sender,
         to=to,
@@ -618,12 +635,13 @@ def parse_request(obj: dict[str, Any], policy: ParsePolicy | None = None) -> Sen
         attachments=attachments,
         smtp_host=host,
         smtp_port=port,
-        login=login.lower(),
-        password=_password(obj, port, policy),
+        login=smtp_login_of(obj, sender),
+        password=password_of(obj, port, policy),
         headers=headers,
         message_id=_optional_message_id(obj, "message_id"),
         in_reply_to=_optional_message_id(obj, "in_reply_to"),
         references=_references(obj),
         list_unsubscribe=list_unsubscribe,
-        send_at=_optional_send_at(obj),
+        send_at=send_at_of(obj),
+        dry_run=dry_run_of(obj),
     )

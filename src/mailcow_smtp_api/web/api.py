@@ -9,12 +9,12 @@ import io
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredSemaphore, ensureDeferred, gatherResults
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,9 +32,10 @@ from .metrics import Metrics
 from ..core.model import SendRequest
 from ..core.openapi import document as openapi_document
 from ..core.readiness import reason as failure_reason
-from ..core.responses import error_body, success_body
+from ..core.responses import ItemResult, dry_run_body, error_body, success_body
 from ..core.ratelimit import policy_header, ratelimit_header
 from ..service import Caller, Completion, IdempotentSends, Progress, SendOutcome, SendService
+from ..core.rawmime import parse_raw_request
 from ..core.validate import ParsePolicy, decode_body, parse_json_text, parse_request
 
 log = Logger(namespace="smtpapi")
@@ -238,8 +239,8 @@ class ApiSite(server.Site):
     trusted_proxies: tuple[str, ...] = ()
 
     def log(self, request: Any) -> None:
-        # A POST to the send route reached the send handler, which logged it.
-        if request.path != SEND_PATH or request.method != b"POST":
+        # A route of one message logged that message's line itself (``SmtpApi.single``).
+        if not getattr(request, "message_logged", False):
             log_answer(
                 getattr(request, "request_id", "-"),
                 _peer_client(request, self.trusted_proxies),
@@ -318,9 +319,35 @@ class RequestBody:
             yield chunk
 
 
-def parse_body(body: RequestBody, policy: ParsePolicy) -> SendRequest:
-    """The parsed request. The body's bytes are released once decoded, its text once parsed."""
-    return parse_request(parse_json_text(decode_body(body.read())), policy)
+def parse_body(body: RequestBody, policy: ParsePolicy, raw: bool = False) -> SendRequest:
+    """The parsed request (a raw message's with ``raw``). The body's bytes are released once
+    decoded, its text once parsed."""
+    obj = parse_json_text(decode_body(body.read()))
+    return parse_raw_request(obj, policy) if raw else parse_request(obj, policy)
+
+
+def require_json(request: IRequest) -> None:
+    """415 unless the body is declared ``application/json``."""
+    content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError.of("smtp_unsupported_media_type", field="Content-Type")
+
+
+def _no_send_at(parsed: SendRequest) -> None:
+    if parsed.send_at is not None:
+        raise ApiError.of("smtp_invalid_send_at", "send_at needs the header Prefer: respond-async", field="send_at")
+
+
+# One log line per message; its first word is the route the message came by (a constant).
+ROUTES = ("send", "batch", "raw", "mailgun", "postmark")
+_SEND_LINES = {
+    route: route + " {request_id} ip={client_ip} key={key} login={login} from={sender} rcpts={rcpts} status={status} "
+    "code={code} queue_id={queue_id} replayed={replayed} ms={ms}"
+    for route in ROUTES
+}
+
+# Messages of one batch in flight at once (each takes a pooled session while it is submitted).
+BATCH_PARALLEL = 8
 
 
 def shield(d: Deferred[Any]) -> Deferred[Any]:
@@ -356,6 +383,100 @@ class _Run:
     def key(self) -> str:
         """Which kind of key authenticated the request (never the key)."""
         return self.caller.label if self.caller is not None else ""
+
+
+@attrs.frozen
+class Item:
+    """One message of a request, as the pipeline takes it from any front end.
+
+    ``parse`` turns the front end's input into the native ``SendRequest`` (the one validation);
+    it is pure and may run in a worker thread (``size`` bytes past ``OFFLOAD_BYTES``).
+    ``fingerprint`` is what a repeat with the same ``idempotency_key`` must match; ``queued``
+    asks for the outbox's semantics (Prefer: respond-async, or a provider's "queued").
+    """
+
+    parse: Callable[[ParsePolicy], SendRequest]
+    size: int = 0
+    idempotency_key: str | None = None
+    fingerprint: bytes | Iterable[bytes] = b""
+    queued: bool = False
+    request_id: str = ""
+
+
+@attrs.frozen
+class Done:
+    """One message's answer in the native shape, with how far it got and whether it was replayed."""
+
+    answer: Answer
+    run: _Run
+    replayed: bool = False
+
+
+def _refusing(err: ApiError) -> Callable[[ParsePolicy], SendRequest]:
+    def parse(policy: ParsePolicy) -> SendRequest:
+        raise err
+
+    return parse
+
+
+def batch_item(message: Any, index: int, header_key: str | None, queued: bool, request_id: str, size: int) -> Item:
+    """One message of a native batch. Its own ``idempotency_key`` wins; else the request's
+    Idempotency-Key with ``:<index>``. A malformed key refuses this message only."""
+    if not isinstance(message, dict):
+        err = ApiError.of("smtp_invalid_json", f"messages[{index}] must be a JSON object", field=f"messages[{index}]")
+        return Item(parse=_refusing(err), request_id=request_id)
+    fields = dict(message)
+    own = fields.pop("idempotency_key", None)
+    try:
+        if own is not None:
+            if not isinstance(own, str):
+                raise ApiError.of("smtp_invalid_idempotency_key", "'idempotency_key' must be a string")
+            key = idempotency.parse_key([own.encode("utf-8")])
+        else:
+            key = idempotency.parse_key([f"{header_key}:{index}".encode("ascii")]) if header_key is not None else None
+    except ApiError as err:
+        return Item(parse=_refusing(attrs.evolve(err, field="idempotency_key")), request_id=request_id)
+    fingerprint = (json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8") for _ in (0,))
+    return Item(
+        parse=lambda policy: parse_request(fields, policy),
+        size=size,
+        idempotency_key=key,
+        fingerprint=fingerprint,
+        queued=queued,
+        request_id=request_id,
+    )
+
+
+def item_result(done: Done) -> ItemResult:
+    """One message's native answer as an ``ItemResult`` (also for a replayed answer: only its body is kept)."""
+    answer = done.answer
+    body = answer.body
+    entry: dict[str, Any] = body[0] if isinstance(body, list) and body and isinstance(body[0], dict) else {}
+    if isinstance(body, dict):
+        message = str(body.get("msg", ""))
+    else:
+        message = str(entry.get("message", ""))
+    recipients: tuple[str, ...] = ()
+    if done.run.outcome is not None:
+        recipients = done.run.outcome.envelope.recipients
+    elif "envelope" in entry:
+        recipients = tuple(entry["envelope"].get("to", ()))
+    elif done.run.parsed is not None:
+        recipients = tuple(a.wire for a in done.run.parsed.recipients())
+    dry = None
+    if answer.code == "smtp_dry_run":
+        dry = {"envelope": entry.get("envelope"), "message": entry.get("message")}
+    return ItemResult(
+        status=answer.status,
+        code=answer.code,
+        message=message,
+        field=entry.get("field"),
+        message_id=entry.get("message_id"),
+        status_id=entry.get("id") if answer.status in (200, 202) else None,
+        recipients=recipients,
+        retry_after=answer.retry_after,
+        dry_run=dry,
+    )
 
 
 def _error_answer(err: ApiError, run: _Run, request_id: str) -> Answer:
@@ -395,25 +516,18 @@ class SmtpApi:
         request_id = getattr(request, "request_id", None) or secrets.token_hex(8)
         return shield(ensureDeferred(self._send(request, request_id)))
 
-    async def _send(self, request: IRequest, request_id: str) -> bytes:
-        started = self.clock()
+    async def _send(self, request: IRequest, request_id: str, raw: bool = False) -> bytes:
         client_ip = self._client_ip(request)
         request.setHeader("X-Request-Id", request_id)
-        run = _Run()
-        replayed = False
-        try:
-            run.caller = await self.service.authenticate(request.getHeader("x-api-key"), client_ip)
-            key = idempotency.parse_key(request.requestHeaders.getRawHeaders(b"idempotency-key"))
-            body = RequestBody(request.content)
-            if key is None:
-                answer = (await self._attempt(request, body, client_ip, request_id, run)).answer
-            else:
-                answer, replayed = await self._once(request, key, body, client_ip, request_id, run)
-        except ApiError as err:
-            answer = _error_answer(err, run, request_id)
-        except Exception:
-            log.failure("unexpected error in request {request_id}", request_id=request_id)
-            answer = _error_answer(ApiError.of("smtp_internal_error"), run, request_id)
+        raw_key = request.getHeader("x-api-key")
+        done = await self.single(
+            request, raw_key, client_ip, request_id, lambda: self._native_item(request, request_id, raw), "raw" if raw else "send"
+        )
+        return self._native_answer(request, done)
+
+    def _native_answer(self, request: IRequest, done: Done) -> bytes:
+        """A native route's answer: status, headers (Retry-After, replay, Location, RateLimit) and body."""
+        answer, run, replayed = done.answer, done.run, done.replayed
         request.setResponseCode(answer.status)
         request.setHeader("Content-Type", "application/json")
         if answer.retry_after is not None:
@@ -428,36 +542,132 @@ class SmtpApi:
             # draft-ietf-httpapi-ratelimit-headers: the quota in recipients, what is left, when it resets.
             request.setHeader("RateLimit-Policy", policy_header(rate.buckets))
             request.setHeader("RateLimit", ratelimit_header(rate.buckets))
-        self._log_send(request_id, client_ip, run, answer.status, answer.code, started, replayed)
-        self._count(answer.status, answer.code, answer.body, started, replayed)
         return answer.body_bytes()
 
-    async def _once(
-        self, request: IRequest, key: str, body: RequestBody, client_ip: str, request_id: str, run: _Run
-    ) -> tuple[Answer, bool]:
-        """A request with an Idempotency-Key: sent at most once, its answer kept and replayed."""
-        if self.idempotency is None:
-            raise ApiError.of("smtp_idempotency_unavailable", field=idempotency.HEADER)
-        return await self.idempotency.run(
-            request.getHeader("x-api-key"),
-            key,
-            body.chunks(),
-            lambda: self._attempt(request, body, client_ip, request_id, run),
-            request_id,
+    def _native_item(self, request: IRequest, request_id: str, raw: bool = False) -> Item:
+        """POST /api/v1/send/email's (or /raw's) body as the pipeline's one item."""
+        require_json(request)
+        body = RequestBody(request.content)
+        return Item(
+            parse=lambda policy: parse_body(body, policy, raw),
+            size=body.size(),
+            idempotency_key=idempotency.parse_key(request.requestHeaders.getRawHeaders(b"idempotency-key")),
+            fingerprint=body.chunks(),
+            queued=prefers_async(request),
+            request_id=request_id,
         )
 
-    async def _attempt(self, request: IRequest, body: RequestBody, client_ip: str, request_id: str, run: _Run) -> Completion:
+    async def single(
+        self,
+        request: IRequest,
+        raw_key: str | None,
+        client_ip: str,
+        request_id: str,
+        item: Callable[[], Item],
+        route: str = "send",
+    ) -> Done:
+        """The pipeline for a request of one message: the key, then ``item()`` (the front end's
+        reading of the request, which may refuse it), then the message. Logged and counted."""
+        setattr(request, "message_logged", True)
+        caller, refusal = await self.authenticated(raw_key, client_ip, request_id, route)
+        if caller is None:
+            assert refusal is not None
+            return refusal
+        try:
+            made = item()
+        except ApiError as err:
+            return self.refused(err, client_ip, request_id, route, caller)
+        return await self.message(made, raw_key, client_ip, caller, route)
+
+    async def authenticated(
+        self, raw_key: str | None, client_ip: str, request_id: str, route: str
+    ) -> tuple[Caller | None, Done | None]:
+        """The caller of a request of several messages, or the refusal (logged and counted)."""
+        run = _Run()
+        started = self.clock()
+        try:
+            return await self.service.authenticate(raw_key, client_ip), None
+        except ApiError as err:
+            answer = _error_answer(err, run, request_id)
+        except Exception:
+            log.failure("unexpected error in request {request_id}", request_id=request_id)
+            answer = _error_answer(ApiError.of("smtp_internal_error"), run, request_id)
+        self._account(route, request_id, client_ip, run, answer, started, False)
+        return None, Done(answer, run)
+
+    def refused(self, err: ApiError, client_ip: str, request_id: str, route: str, caller: Caller | None) -> Done:
+        """A request of several messages refused whole (its shape): logged and counted as one answer."""
+        run = _Run(caller=caller)
+        answer = _error_answer(err, run, request_id)
+        self._account(route, request_id, client_ip, run, answer, self.clock(), False)
+        return Done(answer, run)
+
+    async def messages(
+        self, items: Iterable[Item], raw_key: str | None, client_ip: str, caller: Caller, route: str
+    ) -> list[Done]:
+        """Several messages of one authenticated request, each on its own: at most
+        ``BATCH_PARALLEL`` at a time over the pooled sessions; one's failure never touches another."""
+        gate = DeferredSemaphore(BATCH_PARALLEL)
+
+        def one(item: Item) -> Deferred[Done]:
+            return gate.run(lambda: ensureDeferred(self.message(item, raw_key, client_ip, caller, route)))
+
+        return list(await gatherResults([one(item) for item in items]))
+
+    async def message(self, item: Item, raw_key: str | None, client_ip: str, caller: Caller, route: str) -> Done:
+        """One message through the pipeline: once per Idempotency-Key, parsed, checked, sent or
+        queued or built (dry run); every failure an answer. Logged and counted."""
+        run = _Run(caller=caller)
+        started = self.clock()
+        replayed = False
+        request_id = item.request_id
+        try:
+            if item.idempotency_key is None:
+                answer = (await self._attempt(item, raw_key, client_ip, run)).answer
+            else:
+                answer, replayed = await self._once(item, raw_key, client_ip, run)
+        except ApiError as err:
+            answer = _error_answer(err, run, request_id)
+        except Exception:
+            log.failure("unexpected error in request {request_id}", request_id=request_id)
+            answer = _error_answer(ApiError.of("smtp_internal_error"), run, request_id)
+        self._account(route, request_id, client_ip, run, answer, started, replayed)
+        return Done(answer, run, replayed)
+
+    def _account(
+        self, route: str, request_id: str, client_ip: str, run: _Run, answer: Answer, started: float, replayed: bool
+    ) -> None:
+        self._log_send(request_id, client_ip, run, answer.status, answer.code, started, replayed, route)
+        self._count(answer.status, answer.code, answer.body, started, replayed, route)
+
+    async def _once(self, item: Item, raw_key: str | None, client_ip: str, run: _Run) -> tuple[Answer, bool]:
+        """A message with an Idempotency-Key: sent at most once, its answer kept and replayed."""
+        if self.idempotency is None:
+            raise ApiError.of("smtp_idempotency_unavailable", field=idempotency.HEADER)
+        assert item.idempotency_key is not None
+        return await self.idempotency.run(
+            raw_key,
+            item.idempotency_key,
+            item.fingerprint,
+            lambda: self._attempt(item, raw_key, client_ip, run),
+            item.request_id,
+        )
+
+    async def _attempt(self, item: Item, raw_key: str | None, client_ip: str, run: _Run) -> Completion:
         """Parse and send; every failure becomes an answer, with how far the send got."""
         progress = run.progress = Progress()
         outcome_unknown = False
+        request_id = item.request_id
         try:
-            run.parsed = await self._parse_off_reactor(request, body, client_ip, run.caller)
+            run.parsed = await self._parse_off_reactor(item, client_ip, run.caller)
             # Answers and logs show the request as sent: a send key's as the key's login.
             run.parsed = self.service.bind(run.parsed, run.caller)
-            if prefers_async(request):
-                answer = await self._later(request, client_ip, request_id, run)
+            if run.parsed.dry_run:
+                answer = await self._dry(item, client_ip, run)
+            elif item.queued:
+                answer = await self._later(raw_key, client_ip, request_id, run)
             else:
-                answer = await self._now(request, client_ip, request_id, run)
+                answer = await self._now(raw_key, client_ip, request_id, run)
         except ApiError as err:
             answer = _error_answer(err, run, request_id)
             outcome_unknown = bool((err.detail or {}).get("outcome_unknown"))
@@ -466,20 +676,19 @@ class SmtpApi:
             answer = _error_answer(ApiError.of("smtp_internal_error"), run, request_id)
         return Completion(answer, idempotency.settled_state(progress.reached_smtp, answer, outcome_unknown))
 
-    async def _now(self, request: IRequest, client_ip: str, request_id: str, run: _Run) -> Answer:
+    async def _now(self, raw_key: str | None, client_ip: str, request_id: str, run: _Run) -> Answer:
         """Send at once; the answer gains the id of the message's status record."""
         assert run.parsed is not None
-        if run.parsed.send_at is not None:
-            raise ApiError.of("smtp_invalid_send_at", "send_at needs the header Prefer: respond-async", field="send_at")
+        _no_send_at(run.parsed)
         run.outcome = await self.service.send(run.parsed, client_ip, request_id, run.progress, run.caller)
         sent = success_body(run.parsed, run.outcome.result, run.outcome.message_id, request_id, run.key)
         if self.outbox is not None:
-            status_id = await self.outbox.record_sent(run.outcome, request.getHeader("x-api-key"), request_id)
+            status_id = await self.outbox.record_sent(run.outcome, raw_key, request_id)
             if status_id is not None:
                 sent[0]["id"] = status_id
         return Answer(200, "smtp_partially_sent" if run.outcome.result.refused else "smtp_mail_sent", sent)
 
-    async def _later(self, request: IRequest, client_ip: str, request_id: str, run: _Run) -> Answer:
+    async def _later(self, raw_key: str | None, client_ip: str, request_id: str, run: _Run) -> Answer:
         """Prefer: respond-async (RFC 7240): every check now, then 202 once the message is stored."""
         if self.outbox is None:
             raise ApiError.of("smtp_async_unavailable", "this server keeps no outbox")
@@ -488,8 +697,94 @@ class SmtpApi:
         prepared = await self.service.prepare(run.parsed, client_ip, request_id, run.progress, run.caller, plain_only=True)
         # From here the message may be stored: a repeat with the same Idempotency-Key gets this answer.
         run.progress.reached_smtp = True
-        accepted = await self.outbox.accept(prepared, request.getHeader("x-api-key"), request_id)
+        accepted = await self.outbox.accept(prepared, raw_key, request_id)
         return Answer(202, "smtp_mail_accepted", accepted_body(prepared, accepted, request_id, run.key))
+
+    async def _dry(self, item: Item, client_ip: str, run: _Run) -> Answer:
+        """dry_run: every check a send would pass (the rate limits judged, not charged), then the
+        exact message and envelope instead of the SMTP submission."""
+        assert run.parsed is not None
+        if item.queued:
+            if self.outbox is None:
+                raise ApiError.of("smtp_async_unavailable", "this server keeps no outbox")
+            self.outbox.check_send_at(run.parsed.send_at)
+        else:
+            _no_send_at(run.parsed)
+        prepared = await self.service.prepare(
+            run.parsed, client_ip, item.request_id, run.progress, run.caller, plain_only=item.queued
+        )
+        return Answer(200, "smtp_dry_run", dry_run_body(prepared, item.request_id, run.key))
+
+    @app.route("/api/v1/send/raw", methods=["POST"])
+    def send_raw(self, request: IRequest) -> Deferred[bytes]:
+        """POST /api/v1/send/raw: send the caller's own RFC 5322 message to an envelope."""
+        request_id = getattr(request, "request_id", None) or secrets.token_hex(8)
+        return shield(ensureDeferred(self._send(request, request_id, raw=True)))
+
+    @app.route("/api/v1/send/batch", methods=["POST"])
+    def send_batch(self, request: IRequest) -> Deferred[bytes]:
+        """POST /api/v1/send/batch: up to --max-batch messages, each with its own result."""
+        request_id = getattr(request, "request_id", None) or secrets.token_hex(8)
+        return shield(ensureDeferred(self._batch(request, request_id)))
+
+    async def _batch(self, request: IRequest, request_id: str) -> bytes:
+        client_ip = self._client_ip(request)
+        request.setHeader("X-Request-Id", request_id)
+        raw_key = request.getHeader("x-api-key")
+        caller, refusal = await self.authenticated(raw_key, client_ip, request_id, "batch")
+        if caller is None:
+            assert refusal is not None
+            return self._native_answer(request, refusal)
+        try:
+            items = await self._batch_items(request, request_id)
+        except ApiError as err:
+            return self._native_answer(request, self.refused(err, client_ip, request_id, "batch", caller))
+        dones = await self.messages(items, raw_key, client_ip, caller, "batch")
+        results = []
+        for index, done in enumerate(dones):
+            result = item_result(done)
+            results.append(
+                {
+                    "index": index,
+                    "status": result.status,
+                    "code": result.code,
+                    "message_id": result.message_id,
+                    "id": result.status_id,
+                    "replayed": done.replayed,
+                    "answer": done.answer.body,
+                }
+            )
+        sent = sum(1 for done in dones if done.answer.status in (200, 202))
+        request.setHeader("Content-Type", "application/json")
+        return _json_bytes({"request_id": request_id, "key": caller.label, "ok": sent, "failed": len(dones) - sent, "results": results})
+
+    async def _batch_items(self, request: IRequest, request_id: str) -> list[Item]:
+        """The batch's messages as items: ``{"messages": [...]}``, each a native send object with
+        an optional ``idempotency_key`` (or the request's Idempotency-Key with ``:<index>``)."""
+        require_json(request)
+        body = RequestBody(request.content)
+        size = body.size()
+
+        def read() -> Any:
+            return parse_json_text(decode_body(body.read()))
+
+        obj = await self.offload(read) if self.offload is not None and size > OFFLOAD_BYTES else read()
+        limit = self.service.config.max_batch
+        messages = obj.get("messages")
+        unknown = sorted(set(obj) - {"messages"})
+        if unknown:
+            raise ApiError.of("smtp_unknown_field", f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
+        if not isinstance(messages, list) or not messages:
+            raise ApiError.of("smtp_invalid_field", "'messages' must be a non-empty JSON array of send objects", field="messages")
+        if len(messages) > limit:
+            raise ApiError.of("smtp_too_many_messages", f"at most {limit} messages per batch (--max-batch)", field="messages")
+        header_key = idempotency.parse_key(request.requestHeaders.getRawHeaders(b"idempotency-key"))
+        queued = prefers_async(request)
+        share = size // len(messages)
+        return [
+            batch_item(message, index, header_key, queued, f"{request_id}-{index}", share)
+            for index, message in enumerate(messages)
+        ]
 
     @app.route("/api/v1/send/status/<string:message>", methods=["GET", "DELETE"])
     def message_status(self, request: IRequest, message: str) -> Deferred[bytes]:
@@ -522,14 +817,16 @@ class SmtpApi:
             log.failure("unexpected error in request {request_id}", request_id=request_id)
             return _route_error(request, ApiError.of("smtp_internal_error"))
 
-    def _count(self, status: int, code: str, body: Any, started: float, replayed: bool = False) -> None:
+    def _count(
+        self, status: int, code: str, body: Any, started: float, replayed: bool = False, route: str = "send"
+    ) -> None:
         """Metrics for one send: request counter, latency, SMTP outcome, auth and database failures.
 
         A replayed answer counts as a request only: its SMTP outcome was counted when it happened.
         """
         if self.metrics is None:
             return
-        self.metrics.requests.labels(route="send", status=str(status), code=code).inc()
+        self.metrics.requests.labels(route=route, status=str(status), code=code).inc()
         self.metrics.send_seconds.observe(max(0.0, self.clock() - started))
         if replayed:
             return
@@ -547,31 +844,33 @@ class SmtpApi:
         elif code == "smtp_db_unavailable":
             self.metrics.db_errors.inc()
 
-    async def _parse_off_reactor(
-        self, request: IRequest, body: RequestBody, client_ip: str, caller: Caller | None = None
-    ) -> SendRequest:
-        """Parse the body; a large one (megabytes of base64) is decoded in a worker thread."""
-        content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise ApiError.of("smtp_unsupported_media_type", field="Content-Type")
+    async def _parse_off_reactor(self, item: Item, client_ip: str, caller: Caller | None = None) -> SendRequest:
+        """Parse the item; a large one (megabytes of base64) is decoded in a worker thread."""
         # The policy's callback reads only immutable configuration, so it may run in a thread.
         policy = ParsePolicy(
             max_recipients=self.service.config.max_recipients,
             max_attachments=self.service.config.max_attachments,
             password_optional=lambda port: self.service.password_optional(port, client_ip, caller),
         )
-        if self.offload is not None and body.size() > OFFLOAD_BYTES:
-            parsed: SendRequest = await self.offload(lambda: parse_body(body, policy))
+        if self.offload is not None and item.size > OFFLOAD_BYTES:
+            parsed: SendRequest = await self.offload(lambda: item.parse(policy))
             return parsed
-        return parse_body(body, policy)
+        return item.parse(policy)
 
     def _log_send(
-        self, request_id: str, client_ip: str, run: _Run, status: int, code: str, started: float, replayed: bool = False
+        self,
+        request_id: str,
+        client_ip: str,
+        run: _Run,
+        status: int,
+        code: str,
+        started: float,
+        replayed: bool = False,
+        route: str = "send",
     ) -> None:
         parsed, outcome = run.parsed, run.outcome
         log.info(
-            "send {request_id} ip={client_ip} key={key} login={login} from={sender} rcpts={rcpts} status={status} "
-            "code={code} queue_id={queue_id} replayed={replayed} ms={ms}",
+            _SEND_LINES[route],
             request_id=request_id,
             client_ip=client_ip,
             key=run.key or "-",
