@@ -25,10 +25,10 @@ Decisions (documented in docs/mailgun.md as well):
 - ``recipient-variables``: one native object per ``to`` recipient, addressed to that recipient
   alone. ``%recipient.NAME%`` is replaced in subject, text, html and every ``h:``/``v:`` value
   (a missing recipient or name gives the empty string, as Mailgun does); ``%recipient%`` is the
-  recipient's address. As Mailgun does, ``cc`` and ``bcc`` get a copy of each message: 10 ``to``
+  recipient's address. A header left empty by the substitution is left out. As Mailgun does, ``cc`` and ``bcc`` get a copy of each message: 10 ``to``
   and 3 ``cc`` are 40 deliveries. In ``h:List-Unsubscribe``, entries that still hold a
   ``%...%`` variable after the substitution (Mailgun's own ``%tag_unsubscribe_email%``, which
-  this server does not have) are dropped.
+  this server does not have) or are left empty (``<>``) are dropped.
 - ``o:deliverytime`` becomes ``MailgunRequest.send_at`` (unix seconds); the route schedules it.
   A date without a zone is taken as UTC.
 - An inline file's Content-ID is its file name, so the HTML refers to it as ``cid:<filename>``.
@@ -132,6 +132,8 @@ def _yes_no(name: str, value: str) -> bool:
 
 def _delivery_time(value: str) -> float:
     try:
+        if not value.isprintable():
+            raise ValueError("control characters")  # the parser would skip a line break and what follows
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         raise _refuse("smtp_invalid_send_at", "o:deliverytime", "'o:deliverytime' must be an RFC 2822 date such as Thu, 13 Oct 2011 18:02:00 +0000") from None
@@ -214,9 +216,10 @@ def _substituter(address: str, variables: dict[str, Any]) -> Any:
 
 
 def _list_unsubscribe(value: str) -> str:
-    """``h:List-Unsubscribe`` without the entries a variable of Mailgun's own still holds."""
+    """``h:List-Unsubscribe`` without the entries a variable of Mailgun's own still holds, or that a
+    variable without a value left empty (``<>``)."""
     entries = [entry.strip() for entry in value.split(",")]
-    return ", ".join(e for e in entries if e and not _LEFTOVER_VARIABLE.search(e))
+    return ", ".join(e for e in entries if e.strip("<> ") and not _LEFTOVER_VARIABLE.search(e))
 
 
 def _attachments(files: Sequence[FormFile]) -> list[dict[str, Any]]:
@@ -260,8 +263,10 @@ def _message(form: _Form, to: list[str], cc: list[str], bcc: list[str], attachme
             obj[native] = subst(single[name])
     if attachments:
         obj["attachments"] = [dict(a) for a in attachments]
-    for name, value in form.headers:
-        value = subst(value)
+    for name, given in form.headers:
+        value = subst(given)
+        if given.strip() and not value.strip():
+            continue  # only variables that had no value for this recipient: no empty header
         lowered = name.lower()
         if lowered == "reply-to":
             obj["reply_to"] = value
