@@ -132,7 +132,7 @@ def _attachment(value: Any, index: int) -> dict[str, Any]:
 def translate_email(obj: Any) -> dict[str, Any]:
     """One Postmark message -> one native object, or the ``ApiError`` naming the Postmark field."""
     if not isinstance(obj, dict):
-        raise _refuse("smtp_invalid_json", "body", "a message must be a JSON object")
+        raise ApiError.of("smtp_invalid_json", "a message must be a JSON object")
     unknown = sorted(k for k in set(obj) - FIELDS if obj[k] is not None)
     if unknown:
         raise _refuse("smtp_unknown_field", unknown[0][:80], f"'{unknown[0][:80]}' is not supported by this server (see docs/postmark.md)")
@@ -170,9 +170,9 @@ def translate_batch(value: Any, max_messages: int = MAX_BATCH) -> list[dict[str,
     Not a list, or more than ``max_messages``: the whole request is refused.
     """
     if not isinstance(value, list):
-        raise _refuse("smtp_invalid_json", "body", "the batch body must be a JSON array of messages")
+        raise ApiError.of("smtp_invalid_json", "the batch body must be a JSON array of messages")
     if len(value) > max_messages:
-        raise _refuse("smtp_too_many_messages", "body", f"at most {max_messages} messages per batch")
+        raise ApiError.of("smtp_too_many_messages", f"at most {max_messages} messages per batch")
     out: list[dict[str, Any] | ApiError] = []
     for message in value:
         try:
@@ -252,7 +252,8 @@ def _submitted(moment: datetime) -> str:
 
 def _error_body(result: ItemResult) -> tuple[int, dict[str, Any]]:
     status, error_code = _status_and_code(result)
-    field = postmark_field(result.field)
+    # smtp_invalid_json's "body" is the request body, not the text body.
+    field = None if result.code == "smtp_invalid_json" else postmark_field(result.field)
     message = result.message or result.code
     return status, {"ErrorCode": error_code, "Message": f"{field}: {message}" if field else message}
 
