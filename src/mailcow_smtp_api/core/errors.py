@@ -44,6 +44,7 @@ CODES: dict[str, tuple[int, str]] = {
     "smtp_invalid_smtp_user": (400, "'smtp_user' must be a mailbox address"),
     "smtp_too_many_recipients": (400, "too many recipients in one request"),
     "smtp_too_many_attachments": (400, "too many attachments in one request"),
+    "smtp_too_many_messages": (400, "too many messages in one batch request"),
     "smtp_host_not_allowed": (403, "this smtp_host/smtp_port is not in the server's allow list (--smtp-allow)"),
     "smtp_port25_unavailable": (403, "port 25 needs the server to verify mailbox passwords itself; use port 587 or 465"),
     "smtp_auth_failed": (403, "the mailbox login or password was refused"),

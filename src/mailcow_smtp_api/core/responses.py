@@ -116,7 +116,8 @@ class ItemResult:
     ``smtp_mail_accepted``, 200 ``smtp_dry_run``, or an error's); ``field`` is the native field
     an error names; ``message_id`` is the ``<left@right>`` id of a message that was sent, queued
     or built; ``status_id`` its status record's id, when one was written; ``recipients`` the
-    envelope recipients.
+    envelope recipients; ``refused`` those postfix refused when the message went to the others
+    (``smtp_partially_sent``).
     """
 
     status: int
@@ -126,6 +127,7 @@ class ItemResult:
     message_id: str | None = None
     status_id: str | None = None
     recipients: tuple[str, ...] = ()
+    refused: tuple[str, ...] = ()
     retry_after: int | None = None
     # A dry run's message: {"envelope": {"from", "to"}, "message": base64 of the exact bytes}.
     dry_run: dict[str, Any] | None = None
