@@ -44,7 +44,6 @@ CODES: dict[str, tuple[int, str]] = {
     "smtp_invalid_smtp_user": (400, "'smtp_user' must be a mailbox address"),
     "smtp_too_many_recipients": (400, "too many recipients in one request"),
     "smtp_too_many_attachments": (400, "too many attachments in one request"),
-    "smtp_too_many_messages": (400, "too many messages in one batch request"),
     "smtp_host_not_allowed": (403, "this smtp_host/smtp_port is not in the server's allow list (--smtp-allow)"),
     "smtp_port25_unavailable": (403, "port 25 needs the server to verify mailbox passwords itself; use port 587 or 465"),
     "smtp_auth_failed": (403, "the mailbox login or password was refused"),
@@ -79,7 +78,7 @@ CODES: dict[str, tuple[int, str]] = {
         "'message' must be a base64 RFC 5322 message: one From header, header fields in ASCII, lines of at most 998 octets",
     ),
     "smtp_dry_run": (200, "every check passed; the message was built and not sent (dry_run)"),
-    "smtp_too_many_messages": (400, "too many messages in one batch (--max-batch)"),
+    "smtp_too_many_messages": (400, "too many messages in one batch (--max-batch; Postmark's /email/batch: 500)"),
     # the outbox: accept now, deliver when postfix can (Prefer: respond-async), and status
     "smtp_outbox_full": (503, "the outbox is full (--outbox-max-messages / --outbox-max-bytes); retry after Retry-After"),
     "smtp_async_unavailable": (

@@ -122,8 +122,9 @@ def decode_body(raw: bytes) -> str:
         _fail("smtp_invalid_json", "body", "the request body is not valid UTF-8")
 
 
-def parse_json_text(text: str) -> dict[str, Any]:
-    """Strict JSON, no duplicate keys, an object at the top; ``text`` is the decoded body.
+def parse_json_text(text: str, array: bool = False) -> Any:
+    """Strict JSON, no duplicate keys, an object at the top (an array with ``array``); ``text``
+    is the decoded body.
 
     Kept apart from ``decode_body`` so that a caller can let go of the body's bytes before the
     parser makes its own copy of every string in it (megabytes of base64).
@@ -133,7 +134,9 @@ def parse_json_text(text: str) -> dict[str, Any]:
     except (ValueError, RecursionError) as exc:
         reason = str(exc).split(":")[0] if isinstance(exc, ValueError) else "nested too deeply"
         _fail("smtp_invalid_json", "body", f"the request body is not valid JSON ({reason})")
-    if not isinstance(value, dict):
+    if array and not isinstance(value, list):
+        _fail("smtp_invalid_json", "body", "the request body must be a JSON array")
+    if not array and not isinstance(value, dict):
         _fail("smtp_invalid_json", "body", "the request body must be a JSON object")
     if _SURROGATE_ESCAPE.search(text) and not _encodes(value):
         # "\ud800" escapes decode to lone surrogates, which no later step can encode as UTF-8.

@@ -29,6 +29,7 @@ from ..core.idempotency import Answer
 from .later import Later, accepted_body, accepted_id, prefers_async
 from .linger import Lingering
 from .metrics import Metrics
+from .providers import Mailgun, Postmark
 from ..core.model import SendRequest
 from ..core.openapi import document as openapi_document
 from ..core.readiness import reason as failure_reason
@@ -476,6 +477,7 @@ def item_result(done: Done) -> ItemResult:
         recipients=recipients,
         retry_after=answer.retry_after,
         dry_run=dry,
+        refused=tuple(entry.get("refused", ())) if answer.status == 200 else (),
     )
 
 
@@ -503,6 +505,20 @@ class SmtpApi:
     def resource(self) -> Any:
         """The twisted.web resource serving this API."""
         return self.app.resource()
+
+    def can_queue(self) -> bool:
+        """True when messages can go to the outbox without naming a target (a provider's "queued")."""
+        return self.outbox is not None and self.service.config.plain_target is not None
+
+    async def off_reactor(self, work: Callable[[], Any], size: int) -> Any:
+        """``work()``, in a worker thread when the input is ``size`` bytes past ``OFFLOAD_BYTES``."""
+        if self.offload is not None and size > OFFLOAD_BYTES:
+            return await self.offload(work)
+        return work()
+
+    def client_ip(self, request: IRequest) -> str:
+        """The caller's address: the peer, or X-Forwarded-For from a trusted proxy."""
+        return self._client_ip(request)
 
     def _client_ip(self, request: IRequest) -> str:
         peer = request.getClientAddress()
@@ -728,6 +744,7 @@ class SmtpApi:
         return shield(ensureDeferred(self._batch(request, request_id)))
 
     async def _batch(self, request: IRequest, request_id: str) -> bytes:
+        setattr(request, "message_logged", True)  # one line per message, or the refusal's
         client_ip = self._client_ip(request)
         request.setHeader("X-Request-Id", request_id)
         raw_key = request.getHeader("x-api-key")
@@ -785,6 +802,30 @@ class SmtpApi:
             batch_item(message, index, header_key, queued, f"{request_id}-{index}", share)
             for index, message in enumerate(messages)
         ]
+
+    @app.route("/v3/<string:domain>/messages", methods=["POST"])
+    def mailgun_messages(self, request: IRequest, domain: str) -> Deferred[bytes]:
+        """Mailgun's POST /v3/{domain}/messages."""
+        request_id = getattr(request, "request_id", None) or secrets.token_hex(8)
+        return shield(ensureDeferred(Mailgun(self).handle(request, domain, False, request_id)))
+
+    @app.route("/v3/<string:domain>/messages.mime", methods=["POST"])
+    def mailgun_mime(self, request: IRequest, domain: str) -> Deferred[bytes]:
+        """Mailgun's POST /v3/{domain}/messages.mime."""
+        request_id = getattr(request, "request_id", None) or secrets.token_hex(8)
+        return shield(ensureDeferred(Mailgun(self).handle(request, domain, True, request_id)))
+
+    @app.route("/email", methods=["POST"])
+    def postmark_email(self, request: IRequest) -> Deferred[bytes]:
+        """Postmark's POST /email."""
+        request_id = getattr(request, "request_id", None) or secrets.token_hex(8)
+        return shield(ensureDeferred(Postmark(self).handle(request, False, request_id)))
+
+    @app.route("/email/batch", methods=["POST"])
+    def postmark_batch(self, request: IRequest) -> Deferred[bytes]:
+        """Postmark's POST /email/batch."""
+        request_id = getattr(request, "request_id", None) or secrets.token_hex(8)
+        return shield(ensureDeferred(Postmark(self).handle(request, True, request_id)))
 
     @app.route("/api/v1/send/status/<string:message>", methods=["GET", "DELETE"])
     def message_status(self, request: IRequest, message: str) -> Deferred[bytes]:
