@@ -10,7 +10,7 @@ provider's shape, from each message's native outcome.
   the messages are queued there (and ``o:deliverytime`` schedules them); without, they are sent
   at once. ``{domain}`` must be the domain of ``from`` or of the key's login.
 - Postmark: ``X-Postmark-Server-Token: <key>``; JSON. Sent at once, as Postmark answers after
-  accepting a message.
+  accepting a message; ``Prefer: respond-async`` queues in the outbox instead.
 - Both: an ``Idempotency-Key`` header keys a request of one message; message ``i`` of several
   gets ``<key>:<i>``.
 """
@@ -37,6 +37,7 @@ from ..core.model import SendRequest
 from ..core.rawmime import parse_raw_request
 from ..core.responses import ItemResult
 from ..core.validate import ParsePolicy, decode_body, parse_json_text, parse_request
+from .later import prefers_async
 
 if TYPE_CHECKING:
     from .api import Done, Item, SmtpApi
@@ -231,12 +232,14 @@ class Postmark:
             return _render(request, *postmark.error_answer(err))
         ids = _request_ids(request_id, len(slots))
         share = size // max(1, len(slots))
+        queued = prefers_async(request)
         items = [
             Item(
                 parse=_slot_parser(slot),
                 size=share,
                 idempotency_key=keys[i],
                 fingerprint=_fingerprint(body, i),
+                queued=queued,
                 request_id=ids[i],
             )
             for i, slot in enumerate(slots)
