@@ -42,7 +42,9 @@ def multipart(fields: list[tuple[str, str]], files: list[tuple[str, str, str, by
     return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-class ProviderTests(SynchronousTestCase):
+class ProviderBed(SynchronousTestCase):
+    """A service with one send key, a plain target and an idempotency store, behind StubTreq."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(NOW.timestamp())
@@ -94,6 +96,9 @@ class ProviderTests(SynchronousTestCase):
     def sent(self, index: int = 0) -> email.message.EmailMessage:
         return email.message_from_bytes(self.submitter.sent[index][3], policy=email_policy.default)  # type: ignore[return-value]
 
+
+
+class ProviderTests(ProviderBed):
     # ------------------------------------------------------------------ Mailgun
 
     def test_a_mailgun_form_with_html_an_attachment_and_an_inline_image_is_sent(self) -> None:
@@ -237,3 +242,56 @@ class ProviderTests(SynchronousTestCase):
         self.assertEqual(code, 422, body)
         self.assertNotEqual(body["ErrorCode"], 0)
 
+
+
+INJECTION = "x\r\nBcc: evil@example.net\r\nX-Injected: 1"
+MAILGUN_BASE = [("from", "news@example.org"), ("to", "a@example.com"), ("subject", "s"), ("text", "t"), ("html", "<p>h</p>")]
+MAILGUN_EXTRA = [("cc", None), ("bcc", None), ("h:X-Campaign", None), ("h:Reply-To", None), ("h:In-Reply-To", None),
+                 ("h:References", None), ("h:Message-Id", None), ("v:order", None), ("o:tag", None), ("o:deliverytime", None),
+                 ("o:testmode", None), ("recipient-variables", None)]
+POSTMARK_BASE = {"From": "news@example.org", "To": "a@example.com", "Subject": "s", "TextBody": "t", "HtmlBody": "<p>h</p>"}
+
+
+class HostileProviderTests(ProviderBed):
+    """CR/LF in every field of both front ends: refused, or sent with nothing injected."""
+
+    def assert_nothing_injected(self, code: int, body: Any) -> None:
+        self.assertIn(code, (200, 400, 403, 413, 415, 422), body)
+        for _target, _credentials, envelope, data in self.submitter.sent:
+            header = data.split(b"\r\n\r\n", 1)[0]
+            self.assertNotIn(b"\r\nX-Injected:", header)
+            self.assertNotIn(b"\r\nBcc:", header)
+            self.assertNotIn("evil@example.net", envelope.recipients)
+
+    def test_crlf_in_every_mailgun_field(self) -> None:
+        names = [name for name, _ in MAILGUN_BASE] + [name for name, _ in MAILGUN_EXTRA]
+        for name in names:
+            fields = [(n, v) for n, v in MAILGUN_BASE if n != name] + [(name, INJECTION)]
+            code, body, _ = self.mailgun(fields, [("attachment", "a.txt", "text/plain", b"x")])
+            self.assert_nothing_injected(code, body)
+        code, body, _ = self.mailgun(MAILGUN_BASE, [("attachment", "a\r\nX-Injected: 1.txt", "text/plain", b"x")])
+        self.assert_nothing_injected(code, body)
+        code, body, _ = self.mailgun(MAILGUN_BASE, [("attachment", "a.txt", "text/plain\r\nX-Injected: 1", b"x")])
+        self.assert_nothing_injected(code, body)
+
+    def test_crlf_in_every_postmark_field(self) -> None:
+        for name in ("From", "To", "Cc", "Bcc", "Subject", "TextBody", "HtmlBody", "ReplyTo", "Tag", "MessageStream"):
+            code, body, _ = self.postmark({**POSTMARK_BASE, name: INJECTION})
+            self.assert_nothing_injected(code, body)
+        for extra in (
+            {"Headers": [{"Name": "X-A", "Value": INJECTION}]},
+            {"Headers": [{"Name": INJECTION, "Value": "v"}]},
+            {"Metadata": {"k": INJECTION}},
+            {"Metadata": {INJECTION: "v"}},
+            {"Attachments": [{"Name": INJECTION, "Content": "eA==", "ContentType": "text/plain"}]},
+            {"Attachments": [{"Name": "a.txt", "Content": "eA==", "ContentType": INJECTION}]},
+        ):
+            code, body, _ = self.postmark({**POSTMARK_BASE, **extra})
+            self.assert_nothing_injected(code, body)
+
+    def test_a_form_with_more_parts_than_allowed_is_refused(self) -> None:
+        fields = MAILGUN_BASE + [("h:X-Pad", "v")] * 3100
+        code, body, _ = self.mailgun(fields, [("attachment", "a.txt", "text/plain", b"x")])
+        self.assertEqual((code, body["code"]), (413, "smtp_request_too_large"), body)
+        self.assertNotIn("field", body)
+        self.assertEqual(self.submitter.sent, [])

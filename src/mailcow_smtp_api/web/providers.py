@@ -74,10 +74,11 @@ def _form(content: Any, content_type: str, max_bytes: int) -> tuple[list[tuple[s
     try:
         _, form, files = parser.parse(stream, mimetype, size, options)
     except HTTPException as exc:
+        # 413: more than MAX_FORM_PARTS parts, or a part past the request's limit.
         code = "smtp_request_too_large" if exc.code == 413 else "smtp_invalid_field"
-        raise ApiError.of(code, f"the form could not be read: {exc.description}", field="body") from None
+        raise ApiError.of(code, f"the form could not be read: {exc.description}") from None
     except ValueError:
-        raise ApiError.of("smtp_invalid_field", "the form body is malformed", field="body") from None
+        raise ApiError.of("smtp_invalid_field", "the form body is malformed") from None
     fields = [(name, value) for name, value in form.items(multi=True)]
     parts = [_file(name, storage) for name, storage in files.items(multi=True)]
     return fields, parts
