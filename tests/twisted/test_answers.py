@@ -149,3 +149,23 @@ def test_lingering_ends_its_timer_when_the_client_closes_first() -> None:
     channel.connectionLost(None)
     assert all(not call.active() for call in clock.getDelayedCalls())
     assert LINGER_BYTES >= 8 * 1024 * 1024  # a body of megabytes is read to its end
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        (b"/v3/example.org/messages", "multipart/form-data; boundary=b"),
+        (b"/v3/example.org/messages.mime", "multipart/form-data; boundary=b"),
+        (b"/email", "application/json"),
+        (b"/email/batch", "application/json"),
+        (b"/api/v1/send/batch", "application/json"),
+        (b"/api/v1/send/raw", "application/json"),
+    ],
+)
+def test_an_oversize_body_on_every_new_route_is_refused_before_it_is_read(path: bytes, content_type: str) -> None:
+    """A multipart (or JSON) body declared past --max-request-bytes answers 413 at once, on every
+    route, before any of it is buffered or parsed."""
+    head = _head(LIMIT + 1, content_type=content_type).replace(b"POST /api/v1/send/email ", b"POST " + path + b" ", 1)
+    raw, _transport = answer(head + b"--b\r\n" + b"x" * 100)
+    assert raw.startswith(b"HTTP/1.1 413 "), raw[:100]
+    assert b"smtp_request_too_large" in raw
