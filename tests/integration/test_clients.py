@@ -16,10 +16,12 @@ or ``node_modules`` fails here.
 from __future__ import annotations
 
 import base64
+import email.policy
 import json
 import os
 import re
 import shutil
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -30,6 +32,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
+from email.parser import BytesParser
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import Any
@@ -84,11 +87,18 @@ def b64(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class Service:
-    """The sidecar the clients talk to, the send key of SENDER, and the bed behind it."""
+    """The sidecar the clients talk to, the send key of SENDER, the bed behind it and the sidecar's
+    state database (SQLite: its outbox and status records)."""
 
     sidecar: Sidecar
     key: str
     bed: Testbed
+    state: Path
+
+    def outbox_rows(self) -> int:
+        """How many messages the outbox holds or has a status record of."""
+        with sqlite3.connect(self.state) as connection:
+            return int(connection.execute("SELECT COUNT(*) FROM smtpapi_outbox").fetchone()[0])
 
     @property
     def url(self) -> str:
@@ -110,11 +120,12 @@ def service(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Itera
     testbed.add_mailbox(SENDER, PASSWORD)
     testbed.add_mailbox(OTHER, PASSWORD)
     directory = tmp_path_factory.mktemp("clients")
-    admin = StateAdmin(testbed.db_url, f"sqlite:{directory / 'state.sqlite'}")
+    state = directory / "state.sqlite"
+    admin = StateAdmin(testbed.db_url, f"sqlite:{state}")
     key, _ = admin.add_send_key(SENDER)
     sidecar = start_sidecar(testbed, directory, "sidecar", "--state-db", admin.state_url)
     try:
-        yield Service(sidecar, key, testbed)
+        yield Service(sidecar, key, testbed, state)
     finally:
         sidecar.stop()
         testbed.reset_database()
@@ -317,6 +328,7 @@ def test_mailgun_js_sends_html_an_attachment_and_an_inline_image(service: Servic
     """mailgun.js's messages.create with text, HTML, a file attachment and an inline file:
     Mailgun's answer, and the message as it arrives (the inline part's Content-ID is its file name)."""
     rcpt = "mgjs-single@dest.example"
+    rows = service.outbox_rows()
     answer = result_of(mailgun_js(service, "example.com", {
         "from": f"{SENDER_NAME} <{SENDER}>",
         "to": [rcpt],
@@ -330,6 +342,7 @@ def test_mailgun_js_sends_html_an_attachment_and_an_inline_image(service: Servic
     }))  # fmt: skip
     assert answer["status"] == 200 and answer["message"] == "Queued. Thank you.", answer
     assert re.fullmatch(r"<[^<>@\s]+@[^<>@\s]+>", answer["id"]), answer
+    assert service.outbox_rows() == rows + 1  # queued in the outbox
     sink = arrived(service.bed, rcpt)[rcpt]
     check_message(
         sink, sender=SENDER, to=rcpt, subject="Grüße from mailgun.js", text=TEXT, html=HTML, cid="logo.png",
@@ -368,6 +381,79 @@ def test_mailgun_js_recipient_variables_batch(service: Service) -> None:
     assert len(ids) == 2 and answer["id"] in ids
 
 
+def ghost_newsletter(recipients: dict[str, dict[str, str]], **changes: Any) -> dict[str, Any]:
+    """The fields Ghost's MailgunClient (ghost/core, services/lib/mailgun-client.js) gives
+    mailgun.js for one newsletter batch, with Ghost's own replacement variables."""
+    data = {
+        "to": list(recipients),
+        "from": f"{SENDER_NAME} <{SENDER}>",
+        "h:Reply-To": SENDER,
+        "subject": "Issue 42 for %recipient.name%",
+        "html": '<p>Hi %recipient.name%</p><a href="%recipient.unsubscribe_url%">Unsubscribe</a>',
+        "text": "Hi %recipient.name%\nUnsubscribe: %recipient.unsubscribe_url%",
+        "recipient-variables": json.dumps(recipients),
+        "h:Sender": f"{SENDER_NAME} <{SENDER}>",
+        "h:Auto-Submitted": "auto-generated",
+        "h:X-Auto-Response-Suppress": "OOF, AutoReply",
+        "h:List-Unsubscribe": "<%recipient.list_unsubscribe%>, <%tag_unsubscribe_email%>",
+        "h:List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        "v:email-id": "email-42",
+        "o:tag": ["ghost-email", "newsletter"],
+    }
+    data.update(changes)
+    return data
+
+
+def test_mailgun_js_ghost_newsletter_batch(service: Service) -> None:
+    """A newsletter batch shaped as Ghost sends it through mailgun.js: Sender naming the from
+    mailbox is dropped, Mailgun's own %tag_unsubscribe_email% leaves List-Unsubscribe, and each
+    member gets their own name and unsubscribe link."""
+    ann, bob = "ghost-ann@dest.example", "ghost-bob@dest.example"
+    members = {
+        rcpt: {"name": name, "unsubscribe_url": f"https://blog.example/unsubscribe/?uuid={uuid}", "list_unsubscribe": f"https://blog.example/unsubscribe/?uuid={uuid}&key=k{uuid}"}
+        for rcpt, name, uuid in ((ann, "Ann Abbot", "u-ann"), (bob, "Bob Burns", "u-bob"))
+    }  # fmt: skip
+    answer = result_of(mailgun_js(service, "example.com", ghost_newsletter(members)))
+    assert answer["status"] == 200 and answer["message"] == "Queued. Thank you.", answer
+    messages = arrived(service.bed, ann, bob)
+    check_batch(messages, {
+        rcpt: {
+            "Subject": f"Issue 42 for {m['name']}",
+            "text": f"Hi {m['name']}\nUnsubscribe: {m['unsubscribe_url']}",
+            "List-Unsubscribe": f"<{m['list_unsubscribe']}>",
+        }
+        for rcpt, m in members.items()
+    })  # fmt: skip
+    for rcpt, message in messages.items():
+        headers = message.message
+        assert parseaddr(str(headers["From"])) == (SENDER_NAME, SENDER)
+        assert headers["Sender"] is None and addresses(headers, "Reply-To") == [SENDER]
+        assert str(headers["Auto-Submitted"]) == "auto-generated"
+        assert str(headers["List-Unsubscribe-Post"]) == "List-Unsubscribe=One-Click"
+        assert json.loads(str(headers["X-Mailgun-Variables"])) == {"email-id": "email-42"}
+        assert str(headers["X-Mailgun-Tag"]) == "ghost-email, newsletter"
+        assert "%" not in message.raw.decode("utf-8", "replace"), f"a variable was left in {rcpt}'s message"
+
+
+def test_mailgun_js_testmode_answers_with_the_message_it_would_send(service: Service) -> None:
+    """Ghost's ``bulkEmail.mailgun.testmode`` (``o:testmode: true``, which mailgun.js sends as
+    ``yes``): the answer holds, per recipient, the exact message and envelope, and nothing was
+    queued or sent (the outbox, which records every message, holds no new row)."""
+    ann, bob = "ghost-test-ann@dest.example", "ghost-test-bob@dest.example"
+    members = {ann: {"name": "Ann Abbot"}, bob: {"name": "Bob Burns"}}
+    rows = service.outbox_rows()
+    answer = result_of(mailgun_js(service, "example.com", ghost_newsletter(members, **{"o:testmode": True})))
+    assert answer["status"] == 200 and answer["message"] == "Queued. Thank you.", answer
+    dry = answer["dry_run"]
+    assert isinstance(dry, list) and len(dry) == 2, answer
+    for rcpt, entry in zip((ann, bob), dry):
+        built = BytesParser(policy=email.policy.default).parsebytes(base64.b64decode(entry["message"]))
+        assert addresses(built, "To") == [rcpt]
+        assert str(built["Subject"]) == f"Issue 42 for {members[rcpt]['name']}"
+        assert entry["envelope"] == {"from": SENDER, "to": [rcpt]}
+    assert service.outbox_rows() == rows
+
+
 def test_mailgun_js_sends_a_mime_message(service: Service) -> None:
     """mailgun.js with ``message`` (a ready MIME message) posts to ``messages.mime``: it arrives as built."""
     rcpt = "mgjs-mime@dest.example"
@@ -397,7 +483,7 @@ def test_mailgun_js_refused_sender_raises_its_api_error(service: Service) -> Non
     status, body = raw_mailgun(service, "example.com", list(fields.items()))
     assert (status, body.get("code")) == (403, "smtp_unauthorized_sender"), body
     assert error["type"] == "MailgunAPIError" and error["status"] == 403, error
-    assert error["details"] == body["message"] and body["message"], error
+    assert error["details"] == body["message"] and OTHER in body["message"], error
 
 
 # ------------------------------------------------------------------------------ postmark.js
@@ -459,7 +545,7 @@ def test_postmark_js_batch_one_result_per_message(service: Service) -> None:
     assert isinstance(results, list) and len(results) == 3, results
     check_postmark_result(results[0], ann)
     check_postmark_result(results[2], bob)
-    assert results[1]["ErrorCode"] == 400 and results[1]["Message"], results[1]
+    assert results[1]["ErrorCode"] == 400 and OTHER in results[1]["Message"], results[1]
     assert results[0]["MessageID"] != results[2]["MessageID"]
     messages = arrived(service.bed, ann, bob)
     check_batch(messages, {
@@ -479,6 +565,7 @@ def test_postmark_js_refused_sender_raises_a_postmark_error(service: Service) ->
     assert (status, body["ErrorCode"]) == (422, 400), body
     assert error["postmarkError"] is True and error["class"] == "ApiInputError", error
     assert (error["statusCode"], error["code"], error["message"]) == (422, 400, body["Message"]), error
+    assert OTHER in body["Message"]
 
 
 # ------------------------------------------------------------------------------ django-anymail
@@ -580,4 +667,4 @@ def test_anymail_refused_sender_raises_anymail_api_error(service: Service, esp: 
         message = body["Message"]
     assert status == (403 if esp == "mailgun" else 422), body
     assert error["class"] == "AnymailRequestsAPIError" and error["api_error"] is True, error
-    assert error["status_code"] == status and message and message in error["text"], error
+    assert error["status_code"] == status and OTHER in message and message in error["text"], error
