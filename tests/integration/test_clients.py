@@ -31,9 +31,10 @@ import urllib.request
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
-from email.utils import getaddresses, parseaddr
+from email.utils import format_datetime, getaddresses, parseaddr
 from pathlib import Path
 from typing import Any
 
@@ -399,15 +400,17 @@ def ghost_newsletter(recipients: dict[str, dict[str, str]], **changes: Any) -> d
         "h:List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
         "v:email-id": "email-42",
         "o:tag": ["ghost-email", "newsletter"],
+        # Ghost spreads a newsletter over its delivery window with Date.toUTCString() ("... GMT").
+        "o:deliverytime": format_datetime(datetime.now(timezone.utc), usegmt=True),
     }
     data.update(changes)
     return data
 
 
 def test_mailgun_js_ghost_newsletter_batch(service: Service) -> None:
-    """A newsletter batch shaped as Ghost sends it through mailgun.js: Sender naming the from
-    mailbox is dropped, Mailgun's own %tag_unsubscribe_email% leaves List-Unsubscribe, and each
-    member gets their own name and unsubscribe link."""
+    """A newsletter batch shaped as Ghost sends it through mailgun.js, scheduled for now: Sender
+    naming the from mailbox is dropped, Mailgun's own %tag_unsubscribe_email% leaves
+    List-Unsubscribe, and each member gets their own name and unsubscribe link."""
     ann, bob = "ghost-ann@dest.example", "ghost-bob@dest.example"
     members = {
         rcpt: {"name": name, "unsubscribe_url": f"https://blog.example/unsubscribe/?uuid={uuid}", "list_unsubscribe": f"https://blog.example/unsubscribe/?uuid={uuid}&key=k{uuid}"}
