@@ -21,8 +21,8 @@ import json
 import sys
 from typing import Any
 
-import django
-from django.conf import settings
+import django  # type: ignore[import-untyped]
+from django.conf import settings  # type: ignore[import-untyped]
 
 BACKENDS = {"mailgun": "anymail.backends.mailgun.EmailBackend", "postmark": "anymail.backends.postmark.EmailBackend"}
 
@@ -41,7 +41,7 @@ def configure(job: dict[str, Any]) -> None:
 
 def build(fields: dict[str, Any]) -> tuple[Any, list[str]]:
     """The AnymailMessage of the job, and the Content-IDs of its inline images."""
-    from anymail.message import AnymailMessage
+    from anymail.message import AnymailMessage  # type: ignore[import-untyped]
 
     message = AnymailMessage(
         subject=fields.get("subject", ""),
@@ -72,7 +72,7 @@ def build(fields: dict[str, Any]) -> tuple[Any, list[str]]:
 def main() -> None:
     job = json.load(sys.stdin)
     configure(job)
-    from anymail.exceptions import AnymailError, AnymailRequestsAPIError
+    from anymail.exceptions import AnymailError, AnymailRequestsAPIError  # type: ignore[import-untyped]
 
     message, cids = build(job["message"])
     try:
@@ -92,7 +92,9 @@ def main() -> None:
     recipients = {address: {"status": s.status, "message_id": s.message_id} for address, s in status.recipients.items()}
     # One id for the message, or a set of them when recipients got different ones (a batch).
     message_id = sorted(status.message_id) if isinstance(status.message_id, set) else status.message_id
-    result = {"sent": sent, "message_id": message_id, "status": sorted(status.status or []), "recipients": recipients, "cids": cids}
+    result = {
+        "sent": sent, "message_id": message_id, "status": sorted(status.status or []), "recipients": recipients, "cids": cids,
+    }  # fmt: skip
     print(json.dumps({"result": result}))
 
 

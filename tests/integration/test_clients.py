@@ -73,7 +73,8 @@ def png() -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00\xff\x80\x00")) + chunk(b"IEND", b"")
+    pixel = zlib.compress(b"\x00\xff\x80\x00")  # one row: filter byte, then RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixel) + chunk(b"IEND", b"")
 
 
 LOGO = png()
@@ -413,9 +414,13 @@ def test_mailgun_js_ghost_newsletter_batch(service: Service) -> None:
     List-Unsubscribe, and each member gets their own name and unsubscribe link."""
     ann, bob = "ghost-ann@dest.example", "ghost-bob@dest.example"
     members = {
-        rcpt: {"name": name, "unsubscribe_url": f"https://blog.example/unsubscribe/?uuid={uuid}", "list_unsubscribe": f"https://blog.example/unsubscribe/?uuid={uuid}&key=k{uuid}"}
+        rcpt: {
+            "name": name,
+            "unsubscribe_url": f"https://blog.example/unsubscribe/?uuid={uuid}",
+            "list_unsubscribe": f"https://blog.example/unsubscribe/?uuid={uuid}&key=k{uuid}",
+        }
         for rcpt, name, uuid in ((ann, "Ann Abbot", "u-ann"), (bob, "Bob Burns", "u-bob"))
-    }  # fmt: skip
+    }
     answer = result_of(mailgun_js(service, "example.com", ghost_newsletter(members)))
     assert answer["status"] == 200 and answer["message"] == "Queued. Thank you.", answer
     messages = arrived(service.bed, ann, bob)
@@ -539,11 +544,15 @@ def test_postmark_js_batch_one_result_per_message(service: Service) -> None:
     """sendEmailBatch with two messages and one the key may not send: one result per message in
     order, the refused one with Postmark's error code, the two others delivered to their own recipient."""
     ann, bob = "pmjs-ann@dest.example", "pmjs-bob@dest.example"
+    def one(sender: str, rcpt: str, name: str, code: str) -> dict[str, Any]:
+        headers = [{"Name": "X-Code", "Value": code}]
+        return {"From": sender, "To": rcpt, "Subject": f"For {name}", "TextBody": f"Code {code}", "Headers": headers}
+
     batch = [
-        {"From": SENDER, "To": ann, "Subject": "For Ann Abbot", "TextBody": "Code A-1111", "Headers": [{"Name": "X-Code", "Value": "A-1111"}]},
-        {"From": OTHER, "To": "pmjs-refused@dest.example", "Subject": "not mine", "TextBody": "x"},
-        {"From": SENDER, "To": bob, "Subject": "For Bob Burns", "TextBody": "Code B-2222", "Headers": [{"Name": "X-Code", "Value": "B-2222"}]},
-    ]  # fmt: skip
+        one(SENDER, ann, "Ann Abbot", "A-1111"),
+        one(OTHER, "pmjs-refused@dest.example", "nobody", "X-0000"),
+        one(SENDER, bob, "Bob Burns", "B-2222"),
+    ]
     results = result_of(postmark_js(service, "sendEmailBatch", batch))
     assert isinstance(results, list) and len(results) == 3, results
     check_postmark_result(results[0], ann)
@@ -663,7 +672,8 @@ def test_anymail_refused_sender_raises_anymail_api_error(service: Service, esp: 
     rcpt = f"anymail-{esp}-refused@dest.example"
     error = error_of(anymail(service, esp, {"from_email": OTHER, "to": [rcpt], "subject": "not mine", "body": "x"}))
     if esp == "mailgun":
-        status, body = raw_mailgun(service, "example.com", [("from", OTHER), ("to", rcpt), ("subject", "not mine"), ("text", "x")])
+        fields = [("from", OTHER), ("to", rcpt), ("subject", "not mine"), ("text", "x")]
+        status, body = raw_mailgun(service, "example.com", fields)
         message = body["message"]
     else:
         status, body = raw_postmark(service, {"From": OTHER, "To": rcpt, "Subject": "not mine", "TextBody": "x"})
