@@ -37,6 +37,10 @@ setup(
             "schemathesis>=4",
             "types-PyYAML",
             "standardwebhooks>=1.1",
+            # Real provider clients for tests/integration/test_clients.py: anymail's Mailgun and
+            # Postmark backends run inside a Django configured in the test.
+            "django>=4.2",
+            "django-anymail>=13",
         ],
     },
     entry_points={

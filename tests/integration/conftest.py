@@ -718,61 +718,68 @@ def twistd_path() -> Path:
     return Path(sys.executable).parent / "twistd"
 
 
-@pytest.fixture
-def sidecar(testbed: Testbed, tmp_path: Path) -> Iterator[Callable[..., Sidecar]]:
-    """A factory: ``sidecar(*extra_options, env=None)`` starts the service against the bed.
+def start_sidecar(testbed: Testbed, directory: Path, name: str, *extra: str, env: Mapping[str, str] | None = None) -> Sidecar:
+    """Start ``twistd -n smtpapi`` against the bed, its log in ``directory/<name>.log``.
 
     Options are those of ``twistd -n smtpapi``: a free loopback port, the bed's database as root,
     postfix on 127.0.0.1:10587 with the bed's certificate as CA and name ``localhost``, and the bed's
-    three ports allowed; ``extra_options`` are appended. SMTPAPI_* variables of the calling
-    environment are dropped so they cannot change the options; ``env`` adds variables. Returns
-    once ``GET /healthz`` answers 200 (at most SIDECAR_START_TIMEOUT s); every process started is
-    terminated after the test.
+    three ports allowed; ``extra`` is appended. SMTPAPI_* variables of the calling environment are
+    dropped so they cannot change the options; ``env`` adds variables. Returns once ``GET /healthz``
+    answers 200 (at most SIDECAR_START_TIMEOUT s); the caller stops it.
     """
+    port = free_port()
+    log_path = directory / f"{name}.log"
+    argv = [
+        str(twistd_path()),
+        "-n",
+        "--pidfile=",
+        "smtpapi",
+        "--listen",
+        f"tcp:{port}:interface={HOST}",
+        "--db",
+        testbed.db_url,
+        "--smtp-host",
+        HOST,
+        "--smtp-port",
+        str(SUBMISSION_PORT),
+        "--smtp-allow",
+        f"{HOST}:{SUBMISSION_PORT},{HOST}:{SMTPS_PORT}/tls,{HOST}:{PLAIN_PORT}/plain",
+        "--smtp-ca",
+        str(testbed.cert_path),
+        "--smtp-tls-name",
+        "localhost",
+        # Tests change rows between requests and expect the change at once.
+        "--db-cache-ttl",
+        "0",
+        *extra,
+    ]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPAPI_")}
+    child_env.update(env or {})
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=directory, env=child_env
+        )
+    running = Sidecar(port=port, process=process, log_path=log_path, argv=argv)
+    deadline = time.monotonic() + SIDECAR_START_TIMEOUT
+    while not _healthy(port):
+        if process.poll() is not None:
+            _fail(f"the service exited with status {process.returncode} before answering:\n{running.log_text()}")
+        if time.monotonic() >= deadline:
+            running.stop()
+            _fail(f"the service did not answer GET /healthz within {SIDECAR_START_TIMEOUT} s:\n{running.log_text()}")
+        time.sleep(0.1)
+    return running
+
+
+@pytest.fixture
+def sidecar(testbed: Testbed, tmp_path: Path) -> Iterator[Callable[..., Sidecar]]:
+    """A factory: ``sidecar(*extra_options, env=None)`` starts the service against the bed
+    (``start_sidecar``, its log in ``tmp_path``); every process started is terminated after the test."""
     started: list[Sidecar] = []
 
     def start(*extra: str, env: Mapping[str, str] | None = None) -> Sidecar:
-        port = free_port()
-        log_path = tmp_path / f"sidecar-{len(started) + 1}.log"
-        argv = [
-            str(twistd_path()),
-            "-n",
-            "--pidfile=",
-            "smtpapi",
-            "--listen",
-            f"tcp:{port}:interface={HOST}",
-            "--db",
-            testbed.db_url,
-            "--smtp-host",
-            HOST,
-            "--smtp-port",
-            str(SUBMISSION_PORT),
-            "--smtp-allow",
-            f"{HOST}:{SUBMISSION_PORT},{HOST}:{SMTPS_PORT}/tls,{HOST}:{PLAIN_PORT}/plain",
-            "--smtp-ca",
-            str(testbed.cert_path),
-            "--smtp-tls-name",
-            "localhost",
-            # Tests change rows between requests and expect the change at once.
-            "--db-cache-ttl",
-            "0",
-            *extra,
-        ]
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPAPI_")}
-        child_env.update(env or {})
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path, env=child_env
-            )
-        running = Sidecar(port=port, process=process, log_path=log_path, argv=argv)
+        running = start_sidecar(testbed, tmp_path, f"sidecar-{len(started) + 1}", *extra, env=env)
         started.append(running)
-        deadline = time.monotonic() + SIDECAR_START_TIMEOUT
-        while not _healthy(port):
-            if process.poll() is not None:
-                _fail(f"the service exited with status {process.returncode} before answering:\n{running.log_text()}")
-            if time.monotonic() >= deadline:
-                _fail(f"the service did not answer GET /healthz within {SIDECAR_START_TIMEOUT} s:\n{running.log_text()}")
-            time.sleep(0.1)
         return running
 
     try:
