@@ -87,7 +87,7 @@ def test_inactive_mailbox_domain_and_resources_are_refused(service: Sidecar, bed
 
 
 def test_changed_password_is_seen_at_once(service: Sidecar, bed: Testbed) -> None:
-    """After a password change in the database the cached old password no longer works, the new one does."""
+    """With --db-cache-ttl 0 (the fixture's), after a password change in the database the old password no longer works, the new one does."""
     assert send25(service)[0] == 200
     bed.execute("UPDATE mailbox SET password = %s WHERE username = %s", (hash_password("new-password"), SENDER))
     assert send25(service)[1][0]["msg"] == "smtp_auth_failed"

@@ -1,4 +1,4 @@
-"""The database read cache: hits within the TTL, misses after it, failures and passwords never cached."""
+"""The database read cache: hits within the TTL, misses after it, failures never cached."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class CountingDb:
     calls: list[str] = attrs.Factory(list)
     keys: list[ApiKey] = attrs.Factory(lambda: [ApiKey(api_key=KEY, allow_from="", skip_ip_check=True, access="rw", active=True)])
     down: bool = False
+    password_hash: str = "{CLEAR}x"
 
     def api_keys(self) -> Deferred[list[ApiKey]]:
         self.calls.append("keys")
@@ -37,7 +38,7 @@ class CountingDb:
 
     def login_credentials(self, login: str) -> Deferred[LoginCredentials]:
         self.calls.append(f"creds {login}")
-        return succeed(LoginCredentials(login, None, "{CLEAR}x"))
+        return fail(ApiError.of("smtp_db_unavailable")) if self.down else succeed(LoginCredentials(login, None, self.password_hash))
 
     def ping(self) -> Deferred[None]:
         return succeed(None)
@@ -80,11 +81,39 @@ class CacheTests(SynchronousTestCase):
         self.successResultOf(self.cache.authorize_sender("u@example.org", "s@example.org"))
         self.assertEqual(len([c for c in self.db.calls if c.startswith("decide")]), 2)
 
-    def test_passwords_are_always_read(self) -> None:
-        """login_credentials goes to the database every time."""
-        self.successResultOf(self.cache.login_credentials("u@example.org"))
+    def test_credential_rows_are_read_once_per_ttl(self) -> None:
+        """The port-25 credential row is read once within the TTL, and again once it expired."""
+        first = self.successResultOf(self.cache.login_credentials("u@example.org"))
+        second = self.successResultOf(self.cache.login_credentials("u@example.org"))
+        self.assertEqual(first, second)
+        self.assertEqual(self.db.calls, ["creds u@example.org"])
+        self.clock.advance(5)
         self.successResultOf(self.cache.login_credentials("u@example.org"))
         self.assertEqual(self.db.calls, ["creds u@example.org", "creds u@example.org"])
+
+    def test_a_changed_password_hash_is_used_after_the_ttl(self) -> None:
+        """A hash changed in the database is served from the cache until the TTL ends, then read anew."""
+        self.db.password_hash = "{CLEAR}old"
+        self.assertEqual(self.successResultOf(self.cache.login_credentials("u@example.org")).password_hash, "{CLEAR}old")
+        self.db.password_hash = "{CLEAR}new"
+        self.clock.advance(4.9)
+        self.assertEqual(self.successResultOf(self.cache.login_credentials("u@example.org")).password_hash, "{CLEAR}old")
+        self.clock.advance(0.1)
+        self.assertEqual(self.successResultOf(self.cache.login_credentials("u@example.org")).password_hash, "{CLEAR}new")
+
+    def test_credential_rows_are_kept_per_login(self) -> None:
+        """Two logins (even differing only in case) never share a cached row."""
+        self.successResultOf(self.cache.login_credentials("u@example.org"))
+        other = self.successResultOf(self.cache.login_credentials("U@example.org"))
+        self.assertEqual(other.login, "U@example.org")
+        self.assertEqual(self.db.calls, ["creds u@example.org", "creds U@example.org"])
+
+    def test_credential_failures_are_not_cached(self) -> None:
+        """A database failure while reading the credential row is asked again next time."""
+        self.db.down = True
+        self.failureResultOf(self.cache.login_credentials("u@example.org"), ApiError)
+        self.db.down = False
+        self.assertEqual(self.successResultOf(self.cache.login_credentials("u@example.org")).password_hash, "{CLEAR}x")
 
     def test_ttl_zero_disables_caching(self) -> None:
         """With ttl 0 every call reads the database."""
@@ -92,4 +121,5 @@ class CacheTests(SynchronousTestCase):
         for _ in range(2):
             self.successResultOf(cache.authenticate_key(KEY, "192.0.2.1", True))
             self.successResultOf(cache.authorize_sender("u@example.org", "s@example.org"))
-        self.assertEqual(len(self.db.calls), 4)
+            self.successResultOf(cache.login_credentials("u@example.org"))
+        self.assertEqual(len(self.db.calls), 6)

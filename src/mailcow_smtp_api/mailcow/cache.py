@@ -3,8 +3,10 @@
 Every request needs the API-key rows and a sender decision; asking MariaDB for them each time
 costs several thread hops and queries per message. Both are cached for ``ttl`` seconds
 (``--db-cache-ttl``, default 5 s, 0 turns caching off). That is also the longest a revoked key, a
-removed alias or a withdrawn sender right keeps working. Failures are never cached, and neither
-are passwords: port 25's password checks always read the current hash.
+removed alias or a withdrawn sender right keeps working. Port 25's credential row (the login's
+validity and its stored password and app-password hashes, never a password) is cached the same
+way, so a changed or removed password, a disabled mailbox or a new app password takes effect on
+port 25 within ``ttl`` seconds rather than at once. Failures are never cached.
 """
 
 from __future__ import annotations
@@ -69,8 +71,12 @@ class CachedDatabase:
         return self._cached(("owner", sender.lower()), lambda: self.database.sender_has_owner(sender))
 
     def login_credentials(self, login: str) -> Deferred[LoginCredentials]:
-        """Never cached: a changed password must take effect at once."""
-        return self.database.login_credentials(login)
+        """The login's validity and stored hashes, from the cache while it is fresh.
+
+        Keyed by the login exactly as given: the row carries it, and the password check that
+        follows is the same whether the row came from here or from the database.
+        """
+        return self._cached(("credentials", login), lambda: self.database.login_credentials(login))
 
     def ping(self) -> Deferred[None]:
         """The database's own readiness check."""
