@@ -233,11 +233,6 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     verifier = LocalPasswordVerifier(reactor, config.local_auth_threads, reactor)
     verifier.setServiceParent(top)
     metrics = Metrics()
-
-    def pool_figures(idle: int, busy: int) -> None:
-        metrics.pool_sessions.labels(state="idle").set(idle)
-        metrics.pool_sessions.labels(state="busy").set(busy)
-
     pool = SessionPool(
         submitter,
         reactor,
@@ -245,7 +240,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         max_busy_per_target=config.smtp_max_connections,
         max_age=config.smtp_pool_max_age,
         idle_timeout=min(30.0, config.smtp_pool_max_age),
-        on_change=pool_figures,
+        on_change=metrics.pool_figures,
     )
     PoolService(pool).setServiceParent(top)
     workers = Workers(reactor)
