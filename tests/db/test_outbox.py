@@ -394,3 +394,42 @@ async def test_log_lines_of_other_mail_cost_no_database_work(stores: list[Outbox
         await deferLater(_reactor(), 0.02, lambda: None)
     assert (await box.status(mid(1), SCOPE))["status"] == "delivered"
     assert set(lookups) == {"<m1@example.org>"}
+
+
+def sent_record(clock: FakeClock, n: int) -> NewMessage:
+    """The status record of synchronous send ``n`` (already handed to postfix)."""
+    return attrs.evolve(message(clock, n), status=Status.SUBMITTED, body=None, size=0, queue_id=f"Q{n}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_written_together_are_each_readable_once_their_write_fired(stores: list[OutboxStore]) -> None:
+    """Records of many sends at once share writes, and each one is stored by the time its Deferred fires."""
+    clock, store = FakeClock(), stores[0]
+    readable: list[bool] = []
+    writes: list[int] = []
+    run = store._run
+    store._run = lambda work: writes.append(1) or run(work)  # type: ignore[method-assign]
+
+    async def record_then_read(n: int) -> None:
+        await store.record(sent_record(clock, n))
+        readable.append(await store.get(mid(n), SCOPE) is not None)
+
+    await DeferredList([Deferred.fromCoroutine(record_then_read(n)) for n in range(1, 31)], fireOnOneErrback=True)
+    assert readable == [True] * 30
+    # The first record found the writer idle; the 29 that came meanwhile shared the next write.
+    assert len(writes) == 2 + 30  # and each get() above is one read
+    rows = [await store.get(mid(n), SCOPE) for n in range(1, 31)]
+    assert [row.queue_id for row in rows if row is not None] == [f"Q{n}" for n in range(1, 31)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_bad_record_does_not_cost_the_others_theirs(stores: list[OutboxStore]) -> None:
+    """When a shared write fails (here one id is taken), the other records are still stored; only that one fails."""
+    clock, store = FakeClock(), stores[0]
+    await store.record(sent_record(clock, 1))
+    first = store.record(sent_record(clock, 2))  # written alone: the writer was idle
+    batch = [store.record(sent_record(clock, n)) for n in (3, 1, 4)]  # queued behind it: one write, id 1 taken
+    await first
+    outcomes = await DeferredList(batch, consumeErrors=True)
+    assert [ok for ok, _ in outcomes] == [True, False, True]
+    assert all([await store.get(mid(n), SCOPE) is not None for n in (2, 3, 4)])
