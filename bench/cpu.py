@@ -443,9 +443,14 @@ def run_ab_phase(bench: Bench, scenario: Scenario, path: str, processes: int, ba
     payload = send_payload(recipients_for(scenario.recipients), make_body(scenario.size), bench.password, SIDECAR_PATHS[path])
     result = PhaseResult(scenario.name, scenario.size, scenario.concurrency, scenario.recipients, path)
     env_a = {"PYTHONPATH": str(base_src)}
-    a = start_sidecar(bench, bench.sidecar_options, env_extra=env_a, name="sidecar-a")
+
+    def own_state(side: str) -> list[str]:
+        # Each its own state database: they share the work directory, where the default file lies.
+        return [*bench.sidecar_options, "--state-db", f"sqlite:{bench.workdir / f'state-{side}.sqlite'}"]
+
+    a = start_sidecar(bench, own_state("a"), env_extra=env_a, name="sidecar-a")
     try:
-        b = start_sidecar(bench, bench.sidecar_options, name="sidecar-b")
+        b = start_sidecar(bench, own_state("b"), name="sidecar-b")
         try:
             for side in (a, b):
                 problem = probe_sidecar(side.port, payload, bench.api_key)

@@ -7,6 +7,7 @@ callLater with a time the test moves.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,7 @@ from mailcow_smtp_api.core.outbox import Limits, NewMessage, Status
 from mailcow_smtp_api.delivery import Outbox
 from mailcow_smtp_api.state import outbox as outbox_sql
 from mailcow_smtp_api.state.outbox import OutboxStore
+from mailcow_smtp_api.mailcow.db import query_rows
 from mailcow_smtp_api.state.store import open_state_runner
 from tests.db.dbtesting import ScratchMariaDb
 
@@ -433,3 +435,20 @@ async def test_one_bad_record_does_not_cost_the_others_theirs(stores: list[Outbo
     outcomes = await DeferredList(batch, consumeErrors=True)
     assert [ok for ok, _ in outcomes] == [True, False, True]
     assert all([await store.get(mid(n), SCOPE) is not None for n in (2, 3, 4)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_state_uses_a_write_ahead_log_synced_on_every_commit(tmp_path: Any) -> None:
+    """Every pooled SQLite connection runs in WAL mode with synchronous = FULL (2): records stay durable."""
+    runner = open_state_runner(f"sqlite:{tmp_path / 'state.sqlite'}", _reactor())
+    try:
+        modes = await runner._run(lambda conn: (query_rows(conn, "PRAGMA journal_mode"), query_rows(conn, "PRAGMA synchronous")))
+        assert modes == ([("wal",)], [(2,)])
+        await OutboxStore(runner).record(sent_record(FakeClock(), 1))
+    finally:
+        runner.close()
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "state.sqlite")) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # the mode stays with the file
+        assert other.execute(f"SELECT COUNT(*) FROM {outbox_sql.TABLE}").fetchone() == (1,)
