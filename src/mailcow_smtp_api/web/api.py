@@ -27,6 +27,7 @@ from ..core.apikeys import client_address
 from ..core.errors import ApiError
 from ..core.idempotency import Answer
 from .later import Later, accepted_body, accepted_id, prefers_async
+from .dispatch import DirectRoutes
 from .linger import Lingering
 from .logs import info_line
 from .metrics import Metrics
@@ -505,8 +506,8 @@ class SmtpApi:
     app = Klein()
 
     def resource(self) -> Any:
-        """The twisted.web resource serving this API."""
-        return self.app.resource()
+        """The twisted.web resource serving this API: the send route dispatched directly, the rest by Klein."""
+        return DirectRoutes({SEND_PATH: self.send_email}, self.app.resource())
 
     def can_queue(self) -> bool:
         """True when messages can go to the outbox without naming a target (a provider's "queued")."""
