@@ -1,4 +1,4 @@
-"""The database read cache: hits within the TTL, misses after it, failures never cached."""
+"""The database read cache: hits within the TTL, misses after it, one fetch per key at a time, failures never cached."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailcow_smtp_api.core.apikeys import ApiKey
-from mailcow_smtp_api.mailcow.cache import CachedDatabase
+from mailcow_smtp_api.mailcow.cache import CachedDatabase, TtlCache
 from mailcow_smtp_api.core.errors import ApiError
 from mailcow_smtp_api.core.model import LoginCredentials
 
@@ -123,3 +123,50 @@ class CacheTests(SynchronousTestCase):
             self.successResultOf(cache.authorize_sender("u@example.org", "s@example.org"))
             self.successResultOf(cache.login_credentials("u@example.org"))
         self.assertEqual(len(self.db.calls), 6)
+
+
+class SharedFetchTests(SynchronousTestCase):
+    """Requests that miss the cache while its value is being fetched wait for that one fetch."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pending: list[Deferred[Any]] = []
+        self.cache = TtlCache(self.clock, 5, 100)
+
+    def fetch(self) -> Deferred[Any]:
+        self.pending.append(Deferred())
+        return self.pending[-1]
+
+    def test_concurrent_misses_share_one_fetch_and_its_value(self) -> None:
+        """Ten misses at once cause one fetch; all ten get its value, which is then kept."""
+        waiting = [self.cache.get_or_fetch("k", self.fetch) for _ in range(10)]
+        self.assertEqual(len(self.pending), 1)
+        self.pending[0].callback("v")
+        self.assertEqual([self.successResultOf(d) for d in waiting], ["v"] * 10)
+        self.assertEqual(self.successResultOf(self.cache.get_or_fetch("k", self.fetch)), "v")
+        self.assertEqual(len(self.pending), 1)
+
+    def test_a_failed_fetch_fails_every_waiter_and_is_not_kept(self) -> None:
+        """Every request waiting for a failed fetch gets the failure; the next one fetches again."""
+        waiting = [self.cache.get_or_fetch("k", self.fetch) for _ in range(3)]
+        self.pending[0].errback(ApiError.of("smtp_db_unavailable"))
+        for d in waiting:
+            self.failureResultOf(d, ApiError)
+        self.cache.get_or_fetch("k", self.fetch)
+        self.assertEqual(len(self.pending), 2)
+
+    def test_different_keys_are_fetched_apart(self) -> None:
+        """Only requests for the same key share a fetch."""
+        self.cache.get_or_fetch("a", self.fetch)
+        self.cache.get_or_fetch("b", self.fetch)
+        self.assertEqual(len(self.pending), 2)
+
+    def test_a_fetch_that_raises_leaves_nothing_waiting(self) -> None:
+        """A fetch function that raises at once raises to its caller; the key is fetched anew next time."""
+
+        def broken() -> Deferred[Any]:
+            raise RuntimeError("no connection")
+
+        self.assertRaises(RuntimeError, self.cache.get_or_fetch, "k", broken)
+        self.cache.get_or_fetch("k", self.fetch)
+        self.assertEqual(len(self.pending), 1)
