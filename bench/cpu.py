@@ -15,8 +15,8 @@ and prints, per path and scenario, the CPU microseconds per message of the proce
 of postfix with dovecot, their ratio, the sidecar over the floors, and msg/s over direct-reused,
 then the issue's goals with the figures that meet or miss them. ``--ab-base DIR`` instead runs
 two sidecars at once on the same load, one on DIR's ``src`` and one on this tree's, and prints
-the per-message CPU of both. ``--profile FILE`` samples the CPU time of a 587 sidecar under the
-paced load with yappi and prints its top entries. Speed is reported, never asserted.
+the per-message CPU of both. ``--profile FILE`` samples the CPU time of a sidecar (587 unless
+``--profile-path``) under the first scenario's load with yappi and prints its top entries. Speed is reported, never asserted.
 """
 
 from __future__ import annotations
@@ -509,9 +509,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         metavar="FILE",
-        help="instead of the matrix: yappi CPU-time profile of sidecar-587 under the first scenario, stats to FILE",
+        help="instead of the matrix: yappi CPU-time profile of a sidecar (--profile-path) under the first scenario, stats to FILE",
     )
     parser.add_argument("--top", type=int, default=25, help="--profile: how many functions to print")
+    parser.add_argument(
+        "--profile-path", default="sidecar-587", choices=list(SIDECAR_PATHS), help="--profile: the sidecar path profiled"
+    )
     parser.add_argument("--db-max-connections", type=int, default=500, metavar="N", help="as bench.run's option")
     parser.add_argument("--keep-bed", action="store_true", help="leave the test bed running at the end")
     return parser.parse_args(argv)
@@ -557,7 +560,7 @@ def run(options: argparse.Namespace) -> int:
     document: dict[str, Any] = {"meta": {**facts, "command": sys.orig_argv, "options": vars(options)}}
     with bed(options) as bench:
         if options.profile:
-            return run_profile(bench, scenarios[0], processes, Path(options.profile), options.top)
+            return run_profile(bench, scenarios[0], options.profile_path, processes, Path(options.profile), options.top)
         if options.ab_base:
             return run_ab(bench, scenarios, [p for p in paths if p in SIDECAR_PATHS], processes, options, document)
         source = source_folder(options.source) if options.source else None
@@ -636,12 +639,12 @@ def run_ab(
     return 0
 
 
-def run_profile(bench: Bench, scenario: Scenario, processes: int, output: Path, top: int) -> int:
-    """sidecar-587 under bench/profiled.py for one scenario; prints the top entries it wrote."""
+def run_profile(bench: Bench, scenario: Scenario, path: str, processes: int, output: Path, top: int) -> int:
+    """One sidecar path under bench/profiled.py for one scenario; prints the top entries it wrote."""
     result = run_phase(
         bench,
         scenario,
-        "sidecar-587",
+        path,
         processes,
         launcher=profile_launcher(output.resolve()),
         after_warm=lambda pid: os.kill(pid, signal.SIGUSR1),  # bench/profiled.py: forget the warm-up

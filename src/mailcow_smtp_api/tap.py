@@ -254,7 +254,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         throttle=Throttle(clock=reactor.seconds),
         now=_now,
         new_token=lambda: secrets.token_hex(16),
-        local_auth=LocalLogin(database, verifier),
+        local_auth=LocalLogin(cached, verifier),
         abuse=abuse,
         send_keys=send_keys,
     )
