@@ -435,8 +435,11 @@ def run_phase(
     return result
 
 
-def run_ab_phase(bench: Bench, scenario: Scenario, path: str, processes: int, base_src: Path) -> dict[str, float | None]:
-    """Two sidecars at once on alternating requests: A on ``base_src``, B on this tree. µs per message of each."""
+def run_ab_phase(
+    bench: Bench, scenario: Scenario, path: str, processes: int, base_src: Path, new_src: Path | None = None
+) -> dict[str, float | None]:
+    """Two sidecars at once on alternating requests: A on ``base_src``, B on ``new_src`` (default this
+    tree). µs per message of each."""
     from tests.integration.conftest import run_testbed_script
 
     check_disk(bench.directory)
@@ -450,7 +453,8 @@ def run_ab_phase(bench: Bench, scenario: Scenario, path: str, processes: int, ba
 
     a = start_sidecar(bench, own_state("a"), env_extra=env_a, name="sidecar-a")
     try:
-        b = start_sidecar(bench, own_state("b"), name="sidecar-b")
+        env_b = {"PYTHONPATH": str(new_src)} if new_src is not None else None
+        b = start_sidecar(bench, own_state("b"), env_extra=env_b, name="sidecar-b")
         try:
             for side in (a, b):
                 problem = probe_sidecar(side.port, payload, bench.api_key)
@@ -505,6 +509,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="A/B: run a sidecar on DIR/src beside one on this tree, same load, alternating requests",
     )
+    parser.add_argument("--ab-new", metavar="DIR", help="A/B: run B on DIR/src instead of this tree's")
     parser.add_argument("--repeat", type=int, default=3, help="A/B: phases per scenario and path (default 3)")
     parser.add_argument(
         "--profile",
@@ -607,13 +612,13 @@ def run_ab(
 ) -> int:
     """``--repeat`` A/B phases per scenario and sidecar path; medians and the paired difference."""
     base_src = source_folder(options.ab_base)
+    new_src = source_folder(options.ab_new) if options.ab_new else None
     rows, raw = [], []
     for scenario in scenarios:
-        # Half the rate each: the pair together takes the scenario's load.
         for path in paths:
             samples: dict[str, list[float]] = {"a": [], "b": []}
             for _ in range(options.repeat):
-                figures = run_ab_phase(bench, scenario, path, processes, base_src)
+                figures = run_ab_phase(bench, scenario, path, processes, base_src, new_src)
                 raw.append({"scenario": scenario.name, "path": path, **figures})
                 for side in ("a", "b"):
                     value = figures[side]
@@ -631,7 +636,7 @@ def run_ab(
                     format_number(summary["b_minus_a_us"], 0),
                 ]
             )
-    print(f"A/B: A = {base_src}, B = {REPO / 'src'}; CPU us per message, medians over repetitions")
+    print(f"A/B: A = {base_src}, B = {new_src or REPO / 'src'}; CPU us per message, medians over repetitions")
     print(format_table(["scenario", "path", "runs", "A us/msg", "B us/msg", "B - A (paired median)"], rows, numeric_from=2))
     if options.json:
         document["ab"] = raw
