@@ -452,3 +452,24 @@ async def test_sqlite_state_uses_a_write_ahead_log_synced_on_every_commit(tmp_pa
     with contextlib.closing(sqlite3.connect(tmp_path / "state.sqlite")) as other:
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # the mode stays with the file
         assert other.execute(f"SELECT COUNT(*) FROM {outbox_sql.TABLE}").fetchone() == (1,)
+
+
+def test_a_refused_switch_to_the_log_leaves_the_connection_usable(tmp_path: Any) -> None:
+    """While another connection holds the write lock the switch is refused: this one goes on, and a
+    later connection switches the file."""
+    import sqlite3
+
+    from mailcow_smtp_api.state.store import write_ahead_log
+
+    path = tmp_path / "state.sqlite"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as holder:
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("BEGIN IMMEDIATE")
+        with contextlib.closing(sqlite3.connect(path, timeout=0.01, isolation_level=None)) as other:
+            write_ahead_log(other)
+            assert other.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+            assert other.execute("SELECT COUNT(*) FROM t").fetchone() == (0,)
+        holder.execute("COMMIT")
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as later:
+        write_ahead_log(later)
+        assert later.execute("PRAGMA journal_mode").fetchone() == ("wal",)

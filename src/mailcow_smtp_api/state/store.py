@@ -333,12 +333,22 @@ def write_ahead_log(conn: Any) -> None:
     the database, syncs that and deletes the journal: with a status record per synchronous send
     that was the largest CPU cost of a send. With the log, a commit appends to it and syncs once;
     a committed record survives a crash or power loss as before. Readers do not block the writer.
-    The mode stays with the file; the log lives beside it (``PATH-wal``, ``PATH-shm``).
+    The mode stays with the file; the log lives beside it (``PATH-wal``, ``PATH-shm``). Only a
+    connection that finds the file in another mode switches it; should that switch be refused
+    (another connection holds a lock), this connection goes on in the file's mode, which is just
+    as correct, and the next one tries again.
     """
+    import sqlite3
+
     cursor = conn.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA journal_mode")
+        if str(cursor.fetchone()[0]).lower() != "wal":
+            try:
+                cursor.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError:
+                pass
     finally:
         cursor.close()
 
