@@ -42,6 +42,8 @@ setup(
             "django>=4.2",
             "django-anymail>=13",
         ],
+        # bench/cpu.py --profile: a CPU-time profiler (bench/profiled.py).
+        "bench": ["yappi>=1.6"],
     },
     entry_points={
         "console_scripts": ["smtpapi-admin = mailcow_smtp_api.cli:main"],

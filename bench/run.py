@@ -340,6 +340,7 @@ class Scenario:
     recipients: int
     max_messages: int
     max_seconds: float
+    rate: float = 0.0  # messages per second over all clients (paced load); 0: as fast as they can
 
 
 def size_label(size: int) -> str:
@@ -653,6 +654,9 @@ class Meter:
 
     sidecar_pid: int | None
     roots: dict[int, str]
+    # Further processes measured on their own (utime + stime), by name: e.g. a second sidecar
+    # under the same load; their CPU lands in the result's family_cpu_s under that name.
+    apart: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -663,6 +667,7 @@ class Snapshot:
     processes: dict[int, ProcStat]
     machine_cpu: float
     roots: dict[int, str]
+    apart: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def take(cls, meter: Meter) -> Snapshot:
@@ -672,6 +677,7 @@ class Snapshot:
             processes=process_table(),
             machine_cpu=machine_cpu_seconds(),
             roots=meter.roots,
+            apart={name: process_cpu_seconds(pid) for name, pid in meter.apart.items()},
         )
 
 
@@ -681,6 +687,9 @@ def fill_cpu(result: PhaseResult, before: Snapshot, after: Snapshot) -> None:
         result.sidecar_cpu_s = after.sidecar_cpu - before.sidecar_cpu
     deltas = family_deltas(before.processes, after.processes, after.roots)
     result.family_cpu_s = {name: deltas[name] / CLOCK_TICKS for name in FAMILIES if name in deltas}
+    for name, seconds in after.apart.items():
+        if name in before.apart:
+            result.family_cpu_s[name] = seconds - before.apart[name]
     result.machine_cpu_s = after.machine_cpu - before.machine_cpu
 
 
@@ -810,17 +819,36 @@ class Shared:
     out: Any  # Queue: ("ready"|"done", pid, payload)
     max_messages: int
     max_seconds: float
+    rate: float = 0.0  # paced load: ticket n is due n / rate seconds after the start; 0: no pacing
+
+
+def ticket_due(start: float, number: int, rate: float) -> float:
+    """When ticket ``number`` (0, 1, ...) may be used under a rate of ``rate`` per second; ``start`` without pacing."""
+    return start + number / rate if rate > 0 else start
 
 
 def take_ticket(shared: Shared) -> bool:
-    """True when another message may be sent: under the count and before the deadline."""
-    if time.monotonic() >= shared.start.value + shared.max_seconds:
+    """True when another message may be sent: under the count and before the deadline.
+
+    Under a rate, the ticket's holder first waits until the ticket is due, so that all clients
+    together send at that rate (as long as enough of them are free); a ticket due after the
+    deadline is not handed out.
+    """
+    start = shared.start.value
+    if time.monotonic() >= start + shared.max_seconds:
         return False
     with shared.tickets.get_lock():
         if shared.tickets.value >= shared.max_messages:
             return False
+        number = shared.tickets.value
         shared.tickets.value += 1
+    if shared.rate <= 0:
         return True
+    due = ticket_due(start, number, shared.rate)
+    if due >= start + shared.max_seconds:
+        return False
+    time.sleep(max(0.0, due - time.monotonic()))
+    return True
 
 
 @dataclass
@@ -899,6 +927,7 @@ def run_clients(
         out=context.Queue(),
         max_messages=scenario.max_messages,
         max_seconds=scenario.max_seconds,
+        rate=scenario.rate,
     )
     shares = split_clients(scenario.concurrency, processes)
     children = [context.Process(target=_client_process, args=(make_sender, n, shared), daemon=True) for n in shares]
@@ -1066,15 +1095,27 @@ def running_sidecar(bench: Bench) -> Iterator[Any]:
         sidecar.stop()
 
 
-def start_sidecar(bench: Bench, extra: Sequence[str]) -> Any:
-    """``twistd -n smtpapi`` with the options of the integration tests' ``sidecar`` fixture."""
+def start_sidecar(
+    bench: Bench,
+    extra: Sequence[str],
+    *,
+    launcher: Sequence[str] = (),
+    env_extra: Mapping[str, str] | None = None,
+    name: str = "sidecar",
+) -> Any:
+    """``twistd -n smtpapi`` with the options of the integration tests' ``sidecar`` fixture.
+
+    ``launcher`` goes before twistd's path (e.g. a profiler's wrapper), ``env_extra`` into its
+    environment (e.g. PYTHONPATH for another version of the service's source); its output goes
+    to ``<name>.log`` in the run's work directory.
+    """
     from tests.integration.conftest import SIDECAR_START_TIMEOUT, Sidecar, Testbed, _healthy, free_port, twistd_path
 
     bed = Testbed(bench.directory)
     port = free_port()
-    log_path = bench.workdir / "sidecar.log"
+    log_path = bench.workdir / f"{name}.log"
     argv = [
-        str(twistd_path()), "-n", "--pidfile=", "smtpapi",
+        *launcher, str(twistd_path()), "-n", "--pidfile=", "smtpapi",
         "--listen", f"tcp:{port}:interface={HOST}",
         "--db", bed.db_url,
         "--smtp-host", HOST,
@@ -1084,7 +1125,7 @@ def start_sidecar(bench: Bench, extra: Sequence[str]) -> Any:
         "--smtp-tls-name", "localhost",
         *extra,
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPAPI_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPAPI_")} | dict(env_extra or {})
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=bench.workdir, env=env
@@ -1247,17 +1288,22 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+def add_matrix_options(parser: argparse.ArgumentParser, scenarios: Sequence[str], paths: Sequence[str]) -> None:
+    """The options that pick a run's phases and shape its load (bench.run's and bench.cpu's)."""
+    parser.add_argument("--client-procs", type=int, default=0, help="load-generator processes (default: 2 per CPU)")
+    parser.add_argument("--scenarios", help=f"comma-separated subset of: {', '.join(scenarios)}")
+    parser.add_argument("--paths", help=f"comma-separated subset of: {', '.join(paths)}")
+    parser.add_argument(
+        "--sidecar-option", action="append", default=[], metavar="OPT", help="extra twistd smtpapi option (repeatable)"
+    )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts and 1.5 s phases (about two minutes)")
     parser.add_argument("--json", metavar="FILE", help="write the raw numbers of every phase to FILE")
-    parser.add_argument("--client-procs", type=int, default=0, help="load-generator processes (default: 2 per CPU)")
-    parser.add_argument("--scenarios", help=f"comma-separated subset of: {', '.join(s.name for s in plan(False))}")
-    parser.add_argument("--paths", help=f"comma-separated subset of: {', '.join(ALL_PATHS)}")
-    parser.add_argument(
-        "--sidecar-option", action="append", default=[], metavar="OPT", help="extra twistd smtpapi option (repeatable)"
-    )
+    add_matrix_options(parser, [s.name for s in plan(False)], ALL_PATHS)
     parser.add_argument(
         "--db-max-connections",
         type=int,

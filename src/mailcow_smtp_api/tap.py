@@ -64,9 +64,9 @@ _HELP = {
     "smtp-pool-max-age": "seconds a pooled session is used at most (also how long a password changed in mailcow "
     "keeps working through an open session)",
     "smtp-max-connections": "SMTP sessions in use at once per target; further sends wait for one",
-    "db-cache-ttl": "seconds API-key rows, send keys, sender decisions and fail2ban bans are cached (also the "
-    "longest a revoked or disabled key or a withdrawn sender right keeps working); 0 asks on every request; "
-    "passwords are never cached",
+    "db-cache-ttl": "seconds API-key rows, send keys, sender decisions, fail2ban bans and port 25's credential "
+    "rows (stored hashes, never passwords) are cached (also the longest a revoked or disabled key, a withdrawn "
+    "sender right or a changed mailbox password on port 25 keeps working); 0 asks on every request",
     "redis": "mailcow's Redis, redis://:REDISPASS@redis-mailcow:6379/0: rate limits (RL_VALUE), SMTP allow lists "
     "and fail2ban bans are read there, failed logins published on F2B_CHANNEL, and the sidecar's own buckets kept "
     "under --redis-prefix (shared by replicas). Redis down means 503 smtp_ratelimit_unavailable. Default: none "
@@ -233,11 +233,6 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     verifier = LocalPasswordVerifier(reactor, config.local_auth_threads, reactor)
     verifier.setServiceParent(top)
     metrics = Metrics()
-
-    def pool_figures(idle: int, busy: int) -> None:
-        metrics.pool_sessions.labels(state="idle").set(idle)
-        metrics.pool_sessions.labels(state="busy").set(busy)
-
     pool = SessionPool(
         submitter,
         reactor,
@@ -245,7 +240,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         max_busy_per_target=config.smtp_max_connections,
         max_age=config.smtp_pool_max_age,
         idle_timeout=min(30.0, config.smtp_pool_max_age),
-        on_change=pool_figures,
+        on_change=metrics.pool_figures,
     )
     PoolService(pool).setServiceParent(top)
     workers = Workers(reactor)
@@ -259,7 +254,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         throttle=Throttle(clock=reactor.seconds),
         now=_now,
         new_token=lambda: secrets.token_hex(16),
-        local_auth=LocalLogin(database, verifier),
+        local_auth=LocalLogin(cached, verifier),
         abuse=abuse,
         send_keys=send_keys,
     )

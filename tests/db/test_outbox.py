@@ -7,6 +7,7 @@ callLater with a time the test moves.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,7 @@ from mailcow_smtp_api.core.outbox import Limits, NewMessage, Status
 from mailcow_smtp_api.delivery import Outbox
 from mailcow_smtp_api.state import outbox as outbox_sql
 from mailcow_smtp_api.state.outbox import OutboxStore
+from mailcow_smtp_api.mailcow.db import query_rows
 from mailcow_smtp_api.state.store import open_state_runner
 from tests.db.dbtesting import ScratchMariaDb
 
@@ -394,3 +396,80 @@ async def test_log_lines_of_other_mail_cost_no_database_work(stores: list[Outbox
         await deferLater(_reactor(), 0.02, lambda: None)
     assert (await box.status(mid(1), SCOPE))["status"] == "delivered"
     assert set(lookups) == {"<m1@example.org>"}
+
+
+def sent_record(clock: FakeClock, n: int) -> NewMessage:
+    """The status record of synchronous send ``n`` (already handed to postfix)."""
+    return attrs.evolve(message(clock, n), status=Status.SUBMITTED, body=None, size=0, queue_id=f"Q{n}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_written_together_are_each_readable_once_their_write_fired(stores: list[OutboxStore]) -> None:
+    """Records of many sends at once share writes, and each one is stored by the time its Deferred fires."""
+    clock, store = FakeClock(), stores[0]
+    readable: list[bool] = []
+    writes: list[int] = []
+    run = store._run
+    store._run = lambda work: writes.append(1) or run(work)  # type: ignore[method-assign]
+
+    async def record_then_read(n: int) -> None:
+        await store.record(sent_record(clock, n))
+        readable.append(await store.get(mid(n), SCOPE) is not None)
+
+    await DeferredList([Deferred.fromCoroutine(record_then_read(n)) for n in range(1, 31)], fireOnOneErrback=True)
+    assert readable == [True] * 30
+    # The first record found the writer idle; the 29 that came meanwhile shared the next write.
+    assert len(writes) == 2 + 30  # and each get() above is one read
+    rows = [await store.get(mid(n), SCOPE) for n in range(1, 31)]
+    assert [row.queue_id for row in rows if row is not None] == [f"Q{n}" for n in range(1, 31)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_bad_record_does_not_cost_the_others_theirs(stores: list[OutboxStore]) -> None:
+    """When a shared write fails (here one id is taken), the other records are still stored; only that one fails."""
+    clock, store = FakeClock(), stores[0]
+    await store.record(sent_record(clock, 1))
+    first = store.record(sent_record(clock, 2))  # written alone: the writer was idle
+    batch = [store.record(sent_record(clock, n)) for n in (3, 1, 4)]  # queued behind it: one write, id 1 taken
+    await first
+    outcomes = await DeferredList(batch, consumeErrors=True)
+    assert [ok for ok, _ in outcomes] == [True, False, True]
+    assert all([await store.get(mid(n), SCOPE) is not None for n in (2, 3, 4)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_state_uses_a_write_ahead_log_synced_on_every_commit(tmp_path: Any) -> None:
+    """Every pooled SQLite connection runs in WAL mode with synchronous = FULL (2): records stay durable."""
+    runner = open_state_runner(f"sqlite:{tmp_path / 'state.sqlite'}", _reactor())
+    try:
+        modes = await runner._run(lambda conn: (query_rows(conn, "PRAGMA journal_mode"), query_rows(conn, "PRAGMA synchronous")))
+        assert modes == ([("wal",)], [(2,)])
+        await OutboxStore(runner).record(sent_record(FakeClock(), 1))
+    finally:
+        runner.close()
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "state.sqlite")) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # the mode stays with the file
+        assert other.execute(f"SELECT COUNT(*) FROM {outbox_sql.TABLE}").fetchone() == (1,)
+
+
+def test_a_refused_switch_to_the_log_leaves_the_connection_usable(tmp_path: Any) -> None:
+    """While another connection holds the write lock the switch is refused: this one goes on, and a
+    later connection switches the file."""
+    import sqlite3
+
+    from mailcow_smtp_api.state.store import write_ahead_log
+
+    path = tmp_path / "state.sqlite"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as holder:
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("BEGIN IMMEDIATE")
+        with contextlib.closing(sqlite3.connect(path, timeout=0.01, isolation_level=None)) as other:
+            write_ahead_log(other)
+            assert other.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+            assert other.execute("SELECT COUNT(*) FROM t").fetchone() == (0,)
+        holder.execute("COMMIT")
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as later:
+        write_ahead_log(later)
+        assert later.execute("PRAGMA journal_mode").fetchone() == ("wal",)

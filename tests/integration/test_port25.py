@@ -87,11 +87,22 @@ def test_inactive_mailbox_domain_and_resources_are_refused(service: Sidecar, bed
 
 
 def test_changed_password_is_seen_at_once(service: Sidecar, bed: Testbed) -> None:
-    """After a password change in the database the cached old password no longer works, the new one does."""
+    """With --db-cache-ttl 0 (the fixture's), after a password change in the database the old password no longer works, the new one does."""
     assert send25(service)[0] == 200
     bed.execute("UPDATE mailbox SET password = %s WHERE username = %s", (hash_password("new-password"), SENDER))
     assert send25(service)[1][0]["msg"] == "smtp_auth_failed"
     assert send25(service, password="new-password")[0] == 200
+    assert len(bed.wait_for_messages(2)) == 2
+
+
+def test_with_a_cache_ttl_the_credential_row_is_read_once_per_ttl(bed: Testbed, sidecar: Callable[..., Sidecar]) -> None:
+    """With --db-cache-ttl 300 the row read at the first send serves the next ones: a password changed
+    meanwhile takes effect only once the row expires (here: not within the test), as documented."""
+    service = sidecar("--db-cache-ttl", "300")
+    assert send25(service)[0] == 200
+    bed.execute("UPDATE mailbox SET password = %s WHERE username = %s", (hash_password("new-password"), SENDER))
+    assert send25(service)[0] == 200  # the cached row still holds the old hash
+    assert send25(service, password="new-password")[1][0]["msg"] == "smtp_auth_failed"
     assert len(bed.wait_for_messages(2)) == 2
 
 

@@ -382,6 +382,7 @@ class FakePostfix(LineReceiver):
         self.secured = False
         self.lines: list[bytes] = []
         self.messages: list[bytes] = []
+        self.silent = False  # True: read commands, answer none (a server that hangs)
         self._data: list[bytes] | None = None
         self._login_step = 0
         self.authenticated: str | None = None
@@ -401,6 +402,8 @@ class FakePostfix(LineReceiver):
             self._data_line(line)
             return
         self.lines.append(line)
+        if self.silent:
+            return
         if self._login_step:
             self._login(line)
             return

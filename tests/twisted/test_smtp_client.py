@@ -127,6 +127,16 @@ class Case(SynchronousTestCase):
 
 
 class HappyPathTests(Case):
+    def open_plain_session(self) -> tuple[MemoryReactorClock, FakePostfix, Any, Any, Any]:
+        """An open session to a FakePostfix on port 25 over an in-memory pipe."""
+        reactor = MemoryReactorClock()
+        submitter = SmtpSubmitter(reactor, TlsSettings(verify=False), timeout=TIMEOUT, helo_name="client.test")
+        opened = submitter.open_session(SmtpTarget("localhost", 25), None)
+        server = FakePostfix(tls=None)
+        client, server_end = connect_pipe(reactor, server)
+        pump(client, server_end)
+        return reactor, server, self.successResultOf(opened), client, server_end
+
     def test_plain_port_sends_the_exact_dialogue_and_returns_the_queue_id(self) -> None:
         """Port 25: EHLO, MAIL with SIZE, one RCPT each, DATA, the message, then QUIT; no STARTTLS, no AUTH."""
         c = Conversation(port=25)
@@ -237,13 +247,7 @@ class HappyPathTests(Case):
 
     def test_a_session_sends_several_messages_in_sequence(self) -> None:
         """An open session runs one transaction after another, with RSET between them."""
-        reactor = MemoryReactorClock()
-        submitter = SmtpSubmitter(reactor, TlsSettings(verify=False), timeout=TIMEOUT, helo_name="client.test")
-        opened = submitter.open_session(SmtpTarget("localhost", 25), None)
-        server = FakePostfix(tls=None)
-        client, server_end = connect_pipe(reactor, server)
-        pump(client, server_end)
-        session = self.successResultOf(opened)
+        reactor, server, session, client, server_end = self.open_plain_session()
         first = Deferred.fromCoroutine(session.send(ONE_RCPT, b"Subject: 1\r\n\r\none\r\n"))
         pump(client, server_end)
         self.assertEqual(self.successResultOf(first).queue_id, "4AbCdE1")
@@ -255,6 +259,26 @@ class HappyPathTests(Case):
         self.assertEqual(self.successResultOf(second).queue_id, "4AbCdE2")
         self.assertEqual(server.messages, [b"Subject: 1\r\n\r\none\r\n", b"Subject: 2\r\n\r\ntwo\r\n"])
         self.assertEqual(len(reactor.tcpClients), 1)
+
+    def test_an_idle_session_outlives_its_timer_and_each_step_gets_the_whole_timeout(self) -> None:
+        """After a reply nothing times out, however long the session waits; the next step again has
+        the full timeout from its own start, and one step past it still times out."""
+        reactor, server, session, client, server_end = self.open_plain_session()
+        reactor.advance(TIMEOUT - 1)  # most of the EHLO step's timeout has passed: the timer still runs
+        reactor.advance(TIMEOUT * 3)  # idle for longer than any timeout
+        self.assertTrue(session.usable)
+        reactor.advance(TIMEOUT - 1)
+        first = Deferred.fromCoroutine(session.send(ONE_RCPT, b"Subject: 1\r\n\r\none\r\n"))
+        pump(client, server_end)
+        self.assertEqual(self.successResultOf(first).queue_id, "4AbCdE1")
+        server.silent = True  # from now on the server reads but never answers
+        stuck = Deferred.fromCoroutine(session.reset())
+        pump(client, server_end)
+        reactor.advance(TIMEOUT - 0.01)
+        self.assertNoResult(stuck)
+        reactor.advance(0.01)
+        f = self.failure_of(stuck)
+        self.assertEqual(f.kind, "timeout")
 
 
 # --------------------------------------------------------------------------- refusals

@@ -365,7 +365,8 @@ class SmtpClientProtocol(LineReceiver):
         self._backlog: deque[Reply] = deque()  # replies due that came before they were read
         self._waiter: Deferred[Any] | None = None
         self._waiting_for = ""  # "reply" or "tls"
-        self._timer: Any = None  # the IDelayedCall of what is awaited
+        self._timer: Any = None  # the IDelayedCall of what is awaited (see _arm)
+        self._timed_phase: str | None = None  # the phase whose timeout runs; None: nothing is awaited
         self._failure: SmtpFailure | None = None
         self._tls_done = False
         self._discard_after_reply = False
@@ -433,7 +434,7 @@ class SmtpClientProtocol(LineReceiver):
         waiter = self._waiter
         if waiter is not None and self._waiting_for == "reply":
             self._waiter = None
-            self._disarm()
+            self._timed_phase = None  # the timer stays scheduled for the next step (see _arm)
             waiter.callback(reply)
             return
         if self._waiting_for == "data" or (not solicited and self._queued is not None):
@@ -512,15 +513,28 @@ class SmtpClientProtocol(LineReceiver):
         if waiter is not None and self._failure is not None:
             waiter.errback(self._failure)
 
-    def _timed_out(self, phase: str) -> None:
+    def _timed_out(self) -> None:
         self._timer = None
-        self._fail(SmtpFailure(kind="timeout", phase=phase, reason=f"no answer within {self._timeout:g} s"))
+        phase, self._timed_phase = self._timed_phase, None
+        if phase is not None:
+            self._fail(SmtpFailure(kind="timeout", phase=phase, reason=f"no answer within {self._timeout:g} s"))
 
     def _arm(self, phase: str) -> None:
-        self._disarm()
-        self._timer = self._clock.callLater(self._timeout, self._timed_out, phase)
+        """Give what is awaited now ``timeout`` seconds, counted from now.
+
+        One timer serves every step of a session: a reply only marks that nothing is awaited,
+        and the next step moves the same timer on (``reset`` costs far less than a new
+        ``callLater`` and a cancelled one per step). A timer that runs out while nothing is
+        awaited, e.g. on a pooled session, ends quietly.
+        """
+        self._timed_phase = phase
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._timeout)
+        else:
+            self._timer = self._clock.callLater(self._timeout, self._timed_out)
 
     def _disarm(self) -> None:
+        self._timed_phase = None
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from ..core.outbox import NewMessage, Outcome, RecipientFate, Row, Status, row_from_values
 from ..mailcow.db import MARIADB, Dialect, MailcowDatabase, driver_errors, query_rows
@@ -26,6 +27,8 @@ from .store import TablesOnFirstUse, execute, transaction
 
 T = TypeVar("T")
 TABLE = "smtpapi_outbox"
+# Status records of synchronous sends written in one transaction at most (see OutboxStore.record).
+RECORD_BATCH = 100
 WAITING = (Status.SCHEDULED.value, Status.QUEUED.value, Status.SENDING.value)
 
 _MARIADB = (
@@ -308,6 +311,8 @@ class OutboxStore:
         self._runner = runner
         self.dialect = runner.dialect
         self._enqueue = enqueue
+        self._records: list[tuple[NewMessage, Sequence[Any], Deferred[None]]] = []
+        self._recording = False
 
         def create(conn: Any, dialect: Dialect) -> None:
             create_tables(conn, dialect)
@@ -337,14 +342,48 @@ class OutboxStore:
         return self._run(work)
 
     def record(self, message: NewMessage, events: Sequence[Any] = ()) -> Deferred[None]:
-        """Store the record of a message already handed to postfix (a synchronous send)."""
+        """Store the record of a message already handed to postfix (a synchronous send).
 
+        Fires once the record is committed, so its status can be read as soon as the caller has
+        its answer. Records that arrive while an earlier write is running wait for it and are then
+        written together, up to ``RECORD_BATCH`` in one transaction (a group commit): under load,
+        one thread hop, ping and commit serve many sends instead of one each. When such a shared
+        write fails, each of its records is tried again on its own, so that one record's problem
+        is never another's.
+        """
+        waiter: Deferred[None] = Deferred()
+        self._records.append((message, tuple(events), waiter))
+        if not self._recording:
+            self._write_records()
+        return waiter
+
+    def _record_now(self, batch: Sequence[tuple[NewMessage, Sequence[Any], Any]]) -> Deferred[None]:
         def work(conn: Any, dialect: Dialect) -> None:
             with transaction(conn, dialect):
-                insert(conn, dialect, message)
-                self._events(conn, dialect, events)
+                for message, events, _ in batch:
+                    insert(conn, dialect, message)
+                    self._events(conn, dialect, events)
 
         return self._run(work)
+
+    def _write_records(self) -> None:
+        batch, self._records = self._records[:RECORD_BATCH], self._records[RECORD_BATCH:]
+        self._recording = True
+        self._record_now(batch).addBoth(self._records_written, batch)
+
+    def _records_written(self, result: Any, batch: list[tuple[NewMessage, Sequence[Any], Deferred[None]]]) -> None:
+        self._recording = False
+        if isinstance(result, Failure) and len(batch) > 1:
+            for entry in batch:
+                self._record_now([entry]).chainDeferred(entry[2])
+        else:
+            for _, _, waiter in batch:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(None)
+        if self._records:
+            self._write_records()
 
     def get(self, message: str, scope: str) -> Deferred[Row | None]:
         """One message's record, within the key's scope."""

@@ -27,7 +27,9 @@ from ..core.apikeys import client_address
 from ..core.errors import ApiError
 from ..core.idempotency import Answer
 from .later import Later, accepted_body, accepted_id, prefers_async
+from .dispatch import DirectRoutes
 from .linger import Lingering
+from .logs import info_line
 from .metrics import Metrics
 from .providers import Mailgun, Postmark
 from ..core.model import SendRequest
@@ -254,7 +256,8 @@ class ApiSite(server.Site):
 
 def log_answer(request_id: str, client_ip: str, method: str, path: str, status: int, code: str) -> None:
     """The log line of an answer that is not a send (other routes, early refusals)."""
-    log.info(
+    info_line(
+        log,
         "http {request_id} ip={client_ip} {method} {path} status={status} code={code}",
         request_id=request_id,
         client_ip=client_ip,
@@ -503,8 +506,8 @@ class SmtpApi:
     app = Klein()
 
     def resource(self) -> Any:
-        """The twisted.web resource serving this API."""
-        return self.app.resource()
+        """The twisted.web resource serving this API: the send route dispatched directly, the rest by Klein."""
+        return DirectRoutes({SEND_PATH: self.send_email}, self.app.resource())
 
     def can_queue(self) -> bool:
         """True when messages can go to the outbox without naming a target (a provider's "queued")."""
@@ -910,7 +913,8 @@ class SmtpApi:
         route: str = "send",
     ) -> None:
         parsed, outcome = run.parsed, run.outcome
-        log.info(
+        info_line(
+            log,
             _SEND_LINES[route],
             request_id=request_id,
             client_ip=client_ip,

@@ -12,7 +12,7 @@ import json
 from datetime import datetime, timezone
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, formatEvent
+from twisted.logger import FileLogObserver, Logger, formatEvent
 
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -37,3 +37,15 @@ def _line(event: dict[str, Any]) -> str:
 def json_lines_observer(out: IO[str]) -> FileLogObserver:
     """An observer writing one JSON object per line to ``out``."""
     return FileLogObserver(out, _line)
+
+
+def info_line(log: Logger, template: str, **fields: Any) -> None:
+    """Log one info event: ``template`` with ``fields``, rendered here once with ``str.format``.
+
+    The event carries every field as usual (for ``--log-format json`` and for observers), but its
+    ``log_format`` is the rendered line with its braces escaped: Twisted's observers then format
+    a string without fields instead of running their pure-Python formatter over each one, which
+    cost more than the rest of the log line per request. The text written is the same.
+    """
+    text = template.format(**fields)
+    log.info(text.replace("{", "{{").replace("}", "}}"), **fields)
