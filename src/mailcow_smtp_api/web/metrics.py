@@ -48,7 +48,7 @@ class Metrics:
         )
         self.send_seconds = Histogram(
             "smtpapi_send_duration_seconds",
-            "Time from request to answer for POST /api/v1/send/email",
+            "Time from request to answer of each message, on every send route",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
