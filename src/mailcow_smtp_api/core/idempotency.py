@@ -127,6 +127,12 @@ def parse_key(values: Sequence[bytes] | None) -> str | None:
     return text
 
 
+def item_key(key: str, index: int) -> str | None:
+    """The key of message ``index`` of a request of several that carried Idempotency-Key ``key``:
+    ``<key>:<index>``, checked as a key (it may grow past the length limit)."""
+    return parse_key([f"{key}:{index}".encode("ascii")])
+
+
 def scope_of(raw_api_key: str | None) -> str:
     """The API key's identity as stored: SHA-256 of the key as mailcow matches it, never the key.
 

@@ -185,9 +185,3 @@ def parse_raw_request(obj: dict[str, Any], policy: ParsePolicy | None = None) ->
         dry_run=dry_run_of(obj),
         raw=raw,
     )
-
-
-def raw_size(request: SendRequest) -> int:
-    """The raw message's size in bytes (0 for a request the service builds)."""
-    return len(request.raw.data) if request.raw is not None else 0
-

@@ -437,7 +437,7 @@ def batch_item(message: Any, index: int, header_key: str | None, queued: bool, r
                 raise ApiError.of("smtp_invalid_idempotency_key", "'idempotency_key' must be a string")
             key = idempotency.parse_key([own.encode("utf-8")])
         else:
-            key = idempotency.parse_key([f"{header_key}:{index}".encode("ascii")]) if header_key is not None else None
+            key = idempotency.item_key(header_key, index) if header_key is not None else None
     except ApiError as err:
         return Item(parse=_refusing(attrs.evolve(err, field="idempotency_key")), request_id=request_id)
     fingerprint = (json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8") for _ in (0,))
@@ -482,6 +482,13 @@ def item_result(done: Done) -> ItemResult:
         dry_run=dry,
         refused=tuple(entry.get("refused", ())) if answer.status == 200 else (),
     )
+
+
+def _unexpected(run: _Run, request_id: str) -> Answer:
+    """A bug's answer (500 smtp_internal_error, no traceback); called inside the ``except`` that
+    caught it, whose traceback goes to the log."""
+    log.failure("unexpected error in request {request_id}", request_id=request_id)
+    return _error_answer(ApiError.of("smtp_internal_error"), run, request_id)
 
 
 def _error_answer(err: ApiError, run: _Run, request_id: str) -> Answer:
@@ -609,8 +616,7 @@ class SmtpApi:
         except ApiError as err:
             answer = _error_answer(err, run, request_id)
         except Exception:
-            log.failure("unexpected error in request {request_id}", request_id=request_id)
-            answer = _error_answer(ApiError.of("smtp_internal_error"), run, request_id)
+            answer = _unexpected(run, request_id)
         self._account(route, request_id, client_ip, run, answer, started, False)
         return None, Done(answer, run)
 
@@ -648,8 +654,7 @@ class SmtpApi:
         except ApiError as err:
             answer = _error_answer(err, run, request_id)
         except Exception:
-            log.failure("unexpected error in request {request_id}", request_id=request_id)
-            answer = _error_answer(ApiError.of("smtp_internal_error"), run, request_id)
+            answer = _unexpected(run, request_id)
         self._account(route, request_id, client_ip, run, answer, started, replayed)
         return Done(answer, run, replayed)
 
@@ -691,8 +696,7 @@ class SmtpApi:
             answer = _error_answer(err, run, request_id)
             outcome_unknown = bool((err.detail or {}).get("outcome_unknown"))
         except Exception:
-            log.failure("unexpected error in request {request_id}", request_id=request_id)
-            answer = _error_answer(ApiError.of("smtp_internal_error"), run, request_id)
+            answer = _unexpected(run, request_id)
         return Completion(answer, idempotency.settled_state(progress.reached_smtp, answer, outcome_unknown))
 
     async def _now(self, raw_key: str | None, client_ip: str, request_id: str, run: _Run) -> Answer:

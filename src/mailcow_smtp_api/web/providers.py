@@ -95,7 +95,7 @@ def _keys(request: IRequest, count: int) -> list[str | None]:
         return [None] * count
     if count == 1:
         return [key]
-    return [idempotency.parse_key([f"{key}:{index}".encode("ascii")]) for index in range(count)]
+    return [idempotency.item_key(key, index) for index in range(count)]
 
 
 def _fingerprint(body: Any, index: int) -> Any:
