@@ -308,7 +308,9 @@ class FaultServer:
         line = _Line(sock)
         counts = self.counts
         with self.lock:
-            self._lines = [known for known in self._lines if known.sock.fileno() != -1] + [line]
+            # Kept until its handler ends: a socket's fileno says nothing while its TLS handshake runs
+            # (the plain socket is already detached then), so it cannot tell which lines are done.
+            self._lines.append(line)
             counts.active += 1
             counts.most_active = max(counts.most_active, counts.active)
         try:
@@ -318,6 +320,7 @@ class FaultServer:
         finally:
             with self.lock:
                 counts.active -= 1
+                self._lines.remove(line)
             try:
                 line.sock.close()
             except OSError:

@@ -447,6 +447,20 @@ alive() {  # alive PID COMM
   [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ] &&
     grep -q -- "$2" "/proc/$1/comm" 2>/dev/null
 }
+# child_pid PARENT COMM: a child of PARENT named COMM, if there is one (from /proc, no procps).
+child_pid() {
+  local stat pid line fields comm
+  for stat in /proc/[0-9]*/stat; do
+    { read -r line < "$stat"; } 2>/dev/null || continue
+    # After the name in parentheses: state, then the parent's pid.
+    read -r -a fields <<< "${line##*) }"
+    [ "${fields[1]:-}" = "$1" ] || continue
+    pid=${stat#/proc/}; pid=${pid%/stat}
+    { read -r comm < "/proc/$pid/comm"; } 2>/dev/null || continue
+    [ "$comm" = "$2" ] && { echo "$pid"; return 0; }
+  done
+  return 0
+}
 postfix_pid() { sed -n '1s/ //gp' "$PF_QUEUE/pid/master.pid" 2>/dev/null || true; }
 dovecot_pid() { cat "$DOV_RUN/master.pid" 2>/dev/null || true; }
 sink_pid() { cat "$SINK/smtp-sink.pid" 2>/dev/null || true; }
@@ -664,11 +678,20 @@ cmd_clear_messages() {
 
 # route-defer closed|sink: where defer.test's mail goes from now on; with sink, what is deferred
 # is flushed at once. The next start or restart of the bed resets the route to closed.
+# The flush waits (bounded, 10 s) for the queue manager of before the reload to exit: a flush that
+# reaches that one moves the deferred mail to the active queue just before it exits, and the new
+# queue manager is not started until something wakes it, so the mail would sit there for minutes.
 cmd_route_defer() {
+  local master old _
   need_root
-  alive "$(postfix_pid)" master || die "postfix is not running"
+  master=$(postfix_pid)
+  alive "$master" master || die "postfix is not running"
   write_transport "${1:-}" >/dev/null
+  old=$(child_pid "$master" qmgr)
   postfix -c "$PF_ETC" reload >> "$LOG/postfix-start.log" 2>&1 || die "postfix reload failed"
+  if [ -n "$old" ]; then
+    for _ in $(seq 1 100); do alive "$old" qmgr || break; sleep 0.1; done
+  fi
   postqueue -c "$PF_ETC" -f >> "$LOG/postfix-start.log" 2>&1 || die "postqueue -f failed"
 }
 
