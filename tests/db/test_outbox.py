@@ -454,6 +454,31 @@ async def test_sqlite_state_uses_a_write_ahead_log_synced_on_every_commit(tmp_pa
         assert other.execute(f"SELECT COUNT(*) FROM {outbox_sql.TABLE}").fetchone() == (1,)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_record_without_events_is_committed_unsynced_and_one_with_events_synced(tmp_path: Any) -> None:
+    """A synchronous send's record with no webhook event commits at synchronous = NORMAL, and the
+    connection is back at FULL afterwards; a record with an event is synced like every other write."""
+    runner = open_state_runner(f"sqlite:{tmp_path / 'state.sqlite'}", _reactor(), pool_size=1)
+    statements: list[str] = []
+    queued: list[Any] = []
+    store = OutboxStore(runner, enqueue=lambda conn, dialect, event: queued.append(event))
+    try:
+        await store.get(mid(0), SCOPE)  # the tables exist; the one pooled connection is open
+        await runner._run(lambda conn: getattr(conn, "_connection", conn).set_trace_callback(statements.append))
+        await store.record(sent_record(FakeClock(), 1))
+        plain = [s for s in statements if s.startswith(("PRAGMA synchronous", "BEGIN", "COMMIT"))]
+        assert plain == ["PRAGMA synchronous = NORMAL", "BEGIN IMMEDIATE", "COMMIT", "PRAGMA synchronous = FULL"]
+        assert await runner._run(lambda conn: query_rows(conn, "PRAGMA synchronous")) == [(2,)]
+        del statements[:]
+        await store.record(sent_record(FakeClock(), 2), events=["submitted"])
+        assert queued == ["submitted"]
+        assert [s for s in statements if s.startswith("PRAGMA synchronous")] == []
+        assert "COMMIT" in statements
+        assert [(await store.get(mid(n), SCOPE)) is not None for n in (1, 2)] == [True, True]
+    finally:
+        runner.close()
+
+
 def test_a_refused_switch_to_the_log_leaves_the_connection_usable(tmp_path: Any) -> None:
     """While another connection holds the write lock the switch is refused: this one goes on, and a
     later connection switches the file."""

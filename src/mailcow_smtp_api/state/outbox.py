@@ -345,7 +345,8 @@ class OutboxStore:
         """Store the record of a message already handed to postfix (a synchronous send).
 
         Fires once the record is committed, so its status can be read as soon as the caller has
-        its answer. Records that arrive while an earlier write is running wait for it and are then
+        its answer (on SQLite without syncing the commit when there are no ``events``: see
+        ``_record_now``). Records that arrive while an earlier write is running wait for it and are then
         written together, up to ``RECORD_BATCH`` in one transaction (a group commit): under load,
         one thread hop, ping and commit serve many sends instead of one each. When such a shared
         write fails, each of its records is tried again on its own, so that one record's problem
@@ -358,11 +359,26 @@ class OutboxStore:
         return waiter
 
     def _record_now(self, batch: Sequence[tuple[NewMessage, Sequence[Any], Any]]) -> Deferred[None]:
+        # A record of a message postfix already holds, with no webhook event to deliver, is not a
+        # promise of ours to keep: on SQLite its commit is not synced to disk (``synchronous =
+        # NORMAL`` for that transaction). It survives a crash of the process, and a power loss once
+        # the log is next synced (by any other commit, all synced, or a checkpoint); the database
+        # stays consistent either way. Everything else, records with events included, is synced.
+        # Only in write-ahead-log mode: with a rollback journal, NORMAL could corrupt the file.
+        relaxed = self.dialect is not MARIADB and not any(events for _, events, _ in batch)
+
         def work(conn: Any, dialect: Dialect) -> None:
-            with transaction(conn, dialect):
-                for message, events, _ in batch:
-                    insert(conn, dialect, message)
-                    self._events(conn, dialect, events)
+            unsynced = relaxed and query_rows(conn, "PRAGMA journal_mode") == [("wal",)]
+            if unsynced:
+                execute(conn, dialect, "PRAGMA synchronous = NORMAL")
+            try:
+                with transaction(conn, dialect):
+                    for message, events, _ in batch:
+                        insert(conn, dialect, message)
+                        self._events(conn, dialect, events)
+            finally:
+                if unsynced:
+                    execute(conn, dialect, "PRAGMA synchronous = FULL")
 
         return self._run(work)
 
