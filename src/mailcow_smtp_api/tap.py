@@ -125,9 +125,12 @@ class Options(usage.Options):
             self.config = from_options(given)
         except ConfigError as err:
             raise SystemExit(f"smtpapi: {err}") from None
-        if self.config.log_format == "json" and self.parent is not None:
+        if self.parent is not None:
             # twistd builds its log observer from its own --logger option after parsing.
-            self.parent["logger"] = f"{__name__}.json_logger"
+            if self.config.log_format == "json":
+                self.parent["logger"] = f"{__name__}.json_logger"
+            elif self.parent.get("logger") is None and text_to_stdout(self.parent):
+                self.parent["logger"] = f"{__name__}.text_logger"
 
 
 LISTEN_BACKLOG = 1024
@@ -159,6 +162,22 @@ def json_logger() -> Any:
     from .web.logs import json_lines_observer
 
     return json_lines_observer(sys.stdout)
+
+
+def text_to_stdout(twistd: Any) -> bool:
+    """True when twistd's own options send its text log to standard output: ``-n`` without
+    ``--logfile`` or with ``--logfile=-``, and no ``--syslog`` (log files and syslog stay twistd's)."""
+    if twistd.get("syslog"):
+        return False
+    logfile = twistd.get("logfile")
+    return logfile == "-" or (bool(twistd.get("nodaemon")) and not logfile)
+
+
+def text_logger() -> Any:
+    """twistd --logger factory: twistd's text lines on standard output, rendered with less work."""
+    from .web.logs import text_observer
+
+    return text_observer(sys.stdout)
 
 
 def _now() -> datetime:

@@ -1,6 +1,7 @@
-"""Log output: JSON lines for log collectors (``--log-format json``).
+"""Log output: JSON lines for log collectors (``--log-format json``), and the text lines twistd
+writes by default, rendered with less work (``ClassicText``).
 
-Every event becomes one JSON object on one line: ``time`` (UTC, ISO 8601), ``level``,
+For JSON, every event becomes one JSON object on one line: ``time`` (UTC, ISO 8601), ``level``,
 ``namespace``, ``message`` (the formatted text) and the event's own fields that are plain values.
 The service's own events carry no secrets (no password, key, body or attachment), so nothing is
 filtered by name here; Twisted's internal ``log_*`` keys are left out.
@@ -9,12 +10,20 @@ filtered by name here; Twisted's internal ``log_*`` keys are left out.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timezone
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, Logger, formatEvent
+from twisted.logger import FileLogObserver, Logger, formatEvent, formatEventAsClassicLogText, formatTime
 
 _PLAIN = (str, int, float, bool, type(None))
+
+
+def _text(event: dict[str, Any]) -> str:
+    """The event's message: its rendered ``log_text`` when it has one (``info_line``'s events, and
+    legacy ``log.msg`` ones, whose format is that field alone), else Twisted's formatting."""
+    text = event.get("log_text")
+    return text if type(text) is str else formatEvent(event)
 
 
 def _line(event: dict[str, Any]) -> str:
@@ -22,7 +31,7 @@ def _line(event: dict[str, Any]) -> str:
         "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(timespec="milliseconds"),
         "level": getattr(event.get("log_level"), "name", "info"),
         "namespace": event.get("log_namespace", ""),
-        "message": formatEvent(event),
+        "message": _text(event),
     }
     for key, value in event.items():
         if not key.startswith("log_") and key not in record and isinstance(value, _PLAIN):
@@ -39,13 +48,51 @@ def json_lines_observer(out: IO[str]) -> FileLogObserver:
     return FileLogObserver(out, _line)
 
 
+class ClassicText:
+    """Twisted's classic text line (``formatEventAsClassicLogText``, what twistd writes by default)
+    with less work per line: the timestamp is rendered once per second, and an event whose text is
+    already rendered (``log_text``) is taken as it is. Any other event (a failure, its own
+    ``log_system``, no rendered text) is left to Twisted's formatter; the text is the same either way.
+    """
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._stamp = ""
+
+    def _time(self, when: Any) -> str:
+        if type(when) is not float:
+            return formatTime(when)
+        second = math.floor(when)
+        if when - second >= 0.9999995:  # rounds up to the next second's microsecond: rendered as that
+            return formatTime(when)
+        if second != self._second:
+            self._stamp, self._second = formatTime(when), second
+        return self._stamp
+
+    def __call__(self, event: dict[str, Any]) -> str | None:
+        text = event.get("log_text")
+        if type(text) is not str or "log_failure" in event or "log_system" in event:
+            return formatEventAsClassicLogText(event)
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+        line = f"{self._time(event.get('log_time'))} [{system}] {text}"
+        return line.replace("\n", "\n\t") + "\n"
+
+
+def text_observer(out: IO[str]) -> FileLogObserver:
+    """An observer writing Twisted's classic text lines to ``out`` (``ClassicText``)."""
+    return FileLogObserver(out, ClassicText())
+
+
 def info_line(log: Logger, template: str, **fields: Any) -> None:
     """Log one info event: ``template`` with ``fields``, rendered here once with ``str.format``.
 
     The event carries every field as usual (for ``--log-format json`` and for observers), but its
     ``log_format`` is the rendered line with its braces escaped: Twisted's observers then format
     a string without fields instead of running their pure-Python formatter over each one, which
-    cost more than the rest of the log line per request. The text written is the same.
+    cost more than the rest of the log line per request. The rendered text is also the event's
+    ``log_text``, which this module's observers write without formatting anything. The text
+    written is the same.
     """
     text = template.format(**fields)
-    log.info(text.replace("{", "{{").replace("}", "}}"), **fields)
+    log.info(text.replace("{", "{{").replace("}", "}}"), log_text=text, **fields)
