@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import statistics
@@ -316,9 +317,13 @@ class AlternatingSender:
     whatever else the machine does affects both alike.
     """
 
-    def __init__(self, first: HttpSender, second: HttpSender) -> None:
+    def __init__(self, first: HttpSender, second: HttpSender, turns: Any = None) -> None:
         self.senders = (first, second)
         self.turn = 0
+        # A counter shared by every client of the phase (a multiprocessing Value made before the
+        # clients fork): the turns alternate over all messages, not per client, so that a phase
+        # of fewer messages than clients still gives each sidecar half.
+        self.turns = turns
 
     def open(self) -> None:
         """Connect to both."""
@@ -327,6 +332,9 @@ class AlternatingSender:
 
     def send(self) -> str | None:
         """Send the next message to the sidecar whose turn it is."""
+        if self.turns is not None:
+            with self.turns.get_lock():
+                self.turn, self.turns.value = self.turns.value % 2, self.turns.value + 1
         sender = self.senders[self.turn]
         self.turn ^= 1
         return sender.send()
@@ -461,25 +469,40 @@ def run_ab_phase(
                 if problem is not None:
                     raise SystemExit(f"bench: probe of {side.log_path.name} failed: {problem}")
 
+            turns = multiprocessing.get_context("fork").Value("q", 0)
+
             def make() -> Sender:
                 return AlternatingSender(
-                    HttpSender(a.port, payload, bench.api_key), HttpSender(b.port, payload, bench.api_key)
+                    HttpSender(a.port, payload, bench.api_key), HttpSender(b.port, payload, bench.api_key), turns
                 )
 
             meter = Meter(None, bench.roots, apart={"a": a.process.pid, "b": b.process.pid})
-            measure(result, scenario, make, processes, meter)
+            before: dict[str, int] = {}
+
+            def count_before() -> None:
+                before.update(a=sends_logged(a.log_path), b=sends_logged(b.log_path))
+
+            measure(result, scenario, make, processes, meter, after_warm=count_before)
+            # What each answered, from its own log: every client starts with A, so with few
+            # messages per client the halves are not even.
+            answered = {"a": sends_logged(a.log_path) - before["a"], "b": sends_logged(b.log_path) - before["b"]}
         finally:
             b.stop()
     finally:
         a.stop()
     run_testbed_script(bench.directory, "clear-messages")
-    each = result.sent / 2  # the clients alternate, so each sidecar answered half (within one per client)
     return {
-        "a": micros_per_message(result.family_cpu_s.get("a"), int(each)),
-        "b": micros_per_message(result.family_cpu_s.get("b"), int(each)),
+        "a": micros_per_message(result.family_cpu_s.get("a"), answered["a"]),
+        "b": micros_per_message(result.family_cpu_s.get("b"), answered["b"]),
         "errors": result.errors,
         "sent": result.sent,
     }
+
+
+def sends_logged(log_path: Path) -> int:
+    """How many sends a sidecar's log shows answered 200 (its ``send ... status=200`` lines)."""
+    with open(log_path, "rb") as log:
+        return sum(1 for line in log if b"] send " in line and b" status=200 " in line)
 
 
 # -------------------------------------------------------------------------------- profile

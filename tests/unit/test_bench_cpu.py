@@ -6,6 +6,7 @@ Nothing here starts a server or measures time; speed is never asserted.
 from __future__ import annotations
 
 import multiprocessing
+from pathlib import Path
 
 import pytest
 
@@ -158,6 +159,34 @@ def test_alternating_sender_takes_turns() -> None:
         assert sender.send() is None
     sender.close()
     assert log == ["open a", "open b", "a", "b", "a", "close a", "close b"]
+
+
+def test_clients_sharing_turns_alternate_over_all_their_messages(tmp_path: Path) -> None:
+    """With a shared counter, five clients of one message each still send to A, B, A, B, A; and a
+    sidecar's answered sends are counted from its log's 200 send lines."""
+
+    class Named:
+        def __init__(self, name: str, log: list[str]) -> None:
+            self.name, self.log = name, log
+
+        def send(self) -> str | None:
+            self.log.append(self.name)
+            return None
+
+    log: list[str] = []
+    turns = multiprocessing.get_context("fork").Value("q", 0)
+    for _ in range(5):
+        client = cpu.AlternatingSender(Named("a", log), Named("b", log), turns)  # type: ignore[arg-type]
+        client.send()
+    assert log == ["a", "b", "a", "b", "a"]
+    sidecar_log = tmp_path / "sidecar.log"
+    sidecar_log.write_bytes(
+        b"2026-12-02T04:00:00+0000 [smtpapi#info] send 01 ip=127.0.0.1 key=k status=200 code=smtp_mail_sent\n"
+        b"2026-12-02T04:00:00+0000 [smtpapi#info] send 02 ip=127.0.0.1 key=k status=503 code=smtp_error\n"
+        b"2026-12-02T04:00:00+0000 [smtpapi#info] http 03 ip=127.0.0.1 GET /healthz status=200 code=-\n"
+        b"2026-12-02T04:00:01+0000 [smtpapi#info] send 04 ip=127.0.0.1 key=k status=200 code=smtp_partially_sent\n"
+    )
+    assert cpu.sends_logged(sidecar_log) == 2
 
 
 @pytest.mark.parametrize(

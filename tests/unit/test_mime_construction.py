@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailcow_smtp_api.core.errors import ApiError
-from mailcow_smtp_api.core.mime import attachment_encoding, transfer_encoding
+from mailcow_smtp_api.core.mime import attachment_encoding, blank, transfer_encoding
 from mailcow_smtp_api.core.validate import parse_address
 
 from .test_mime import build, request
@@ -231,3 +231,27 @@ def test_only_the_message_itself_carries_mime_version(fields: dict[str, Any]) ->
     assert msg["MIME-Version"] == "1.0"
     assert data.count(b"MIME-Version:") == 1
     assert all("MIME-Version" not in part for part in msg.walk() if part is not msg)
+
+
+_OLD_LONG_LINE = re.compile(rb"\n[^\n]{79}")
+_OLD_TRAILING_SPACE = re.compile(rb"[ \t](?:\n|\Z)")
+
+
+def _fits_7bit_by_patterns(data: bytes) -> bool:
+    """What a 7bit body must be, written as regular expressions over the whole body."""
+    lines_short = re.match(rb"[^\n]{0,78}(?:\n|\Z)", data) is not None and _OLD_LONG_LINE.search(data) is None
+    return lines_short and b"\r" not in data and b"\0" not in data and _OLD_TRAILING_SPACE.search(data) is None
+
+
+@given(st.lists(st.sampled_from([b"a", b" ", b"\t", b"\n", b"\r", b"\0", b"x" * 40, b"\xc3\xa9"]), max_size=60))
+def test_the_7bit_decision_is_the_one_the_patterns_give(pieces: list[bytes]) -> None:
+    """Short lines, no CR or NUL, no white space at any line's end (or the end): 7bit; the fast
+    checks decide as the regular expressions over the whole body would."""
+    data = b"".join(pieces)
+    assert (transfer_encoding(data) == "7bit") == (data.isascii() and _fits_7bit_by_patterns(data)), data
+
+
+@given(st.text(alphabet=st.sampled_from(["a", " ", "\t", "\n", "\r", "\u2003", "\u00a0", "\x1c", "\u200b"]), max_size=12))
+def test_blank_is_not_strip(text: str) -> None:
+    """``blank`` answers as ``not text.strip()`` does, Unicode white space included."""
+    assert blank(text) == (not text.strip())

@@ -196,7 +196,12 @@ def _text_body(value: str, holes: _Placeholders) -> tuple[str, str]:
 
 def _only_plain_text(request: SendRequest) -> bool:
     """The message is one text/plain part: a text body, no HTML, no attachments of any kind."""
-    return bool(request.body.strip()) and not request.html_body.strip() and not request.attachments
+    return not blank(request.body) and blank(request.html_body) and not request.attachments
+
+
+def blank(text: str) -> bool:
+    """True for an empty or all-white-space text: ``not text.strip()`` without a copy of a body."""
+    return not text or text.isspace()
 
 
 def _plain_text_layout(request: SendRequest, holes: _Placeholders) -> bytes:
@@ -222,8 +227,6 @@ def _library_layout(request: SendRequest, holes: _Placeholders) -> bytes:
 
 # A line of more than 78 characters after a line break; a search only tries where a "\n" is.
 _LONG_LINE = re.compile(rb"\n[^\n]{79}")
-# White space at a line's end, which a transport may strip from a 7bit line.
-_TRAILING_SPACE = re.compile(rb"[ \t](?:\n|\Z)")
 _HIGH_BYTES = bytes(range(128, 256))
 BASE64_SAVING = 1024
 
@@ -238,9 +241,9 @@ def transfer_encoding(data: bytes) -> str:
     (MIME_BASE64_TEXT, and MIME_BASE64_TEXT_BOGUS when it is ASCII), so base64 is the
     exception, taken where it saves much of the message's size.
     """
-    high = len(data) - len(data.translate(None, _HIGH_BYTES))
-    if high == 0:
+    if data.isascii():
         return "7bit" if _fits_7bit(data) else "quoted-printable"
+    high = len(data) - len(data.translate(None, _HIGH_BYTES))
     if high * 2 > len(data):
         quoted = len(data) + 2 * high  # every 8-bit byte becomes =XX
         encoded = (len(data) + 2) // 3 * 4 * 78 // 76  # 76 columns and a CRLF per line
@@ -254,7 +257,11 @@ def _fits_7bit(data: bytes) -> bool:
     first = data.find(b"\n")
     if (first if first >= 0 else len(data)) > 78 or _LONG_LINE.search(data) is not None:
         return False
-    return b"\r" not in data and b"\0" not in data and _TRAILING_SPACE.search(data) is None
+    if b"\r" in data or b"\0" in data:
+        return False
+    # White space at a line's end (a transport may strip it). Substring searches: a pattern that
+    # starts with a class of characters would be tried at every byte, megabytes of them.
+    return b" \n" not in data and b"\t\n" not in data and not data.endswith((b" ", b"\t"))
 
 
 def _text_cte(text: str) -> str:
@@ -328,9 +335,9 @@ class _Placeholders:
 def _fill_body(message: EmailMessage, request: SendRequest, holes: _Placeholders) -> None:
     """Text and HTML as multipart/alternative, inline parts beside the HTML, attachments in mixed."""
 
-    if request.body.strip():
+    if not blank(request.body):
         _set_text(message, *_text_body(request.body, holes), "plain")
-        if request.html_body.strip():
+        if not blank(request.html_body):
             message.make_alternative()
             html_part = EmailMessage(policy=message.policy)
             _set_text(html_part, *_text_body(request.html_body, holes), "html", top=False)

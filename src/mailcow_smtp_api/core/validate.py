@@ -18,7 +18,7 @@ import attrs
 import idna
 
 from .errors import ApiError
-from .mime import HEADER_REGISTRY
+from .mime import HEADER_REGISTRY, blank
 from .model import Address, Attachment, ListUnsubscribe, SendRequest
 
 
@@ -250,7 +250,7 @@ def _text(obj: Mapping[str, Any], field: str) -> str:
     value = _optional_str(obj, field) or ""
     if "\x00" in value:
         _fail("smtp_invalid_field", field, f"'{field}' must not contain NUL characters")
-    return value.replace("\r\n", "\n").replace("\r", "\n")
+    return value.replace("\r\n", "\n").replace("\r", "\n") if "\r" in value else value
 
 
 def _subject(obj: Mapping[str, Any], policy: ParsePolicy) -> str:
@@ -618,7 +618,7 @@ def parse_request(obj: dict[str, Any], policy: ParsePolicy | None = None) -> Sen
         reply_to = parse_address(obj["reply_to"], "reply_to", "smtp_invalid_reply_to")
     subject = _subject(obj, policy)
     body, html_body = _text(obj, "body"), _text(obj, "html_body")
-    if not body.strip() and not html_body.strip():
+    if blank(body) and blank(html_body):
         _fail("smtp_empty_body", "body")
     attachments = _attachments(obj, policy)
     _check_inline_parts(html_body, attachments)
