@@ -197,7 +197,7 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
     from .core.idempotency import lease_seconds
     from .core.outbox import Limits, outbox_lease
     from .delivery import Outbox
-    from .state.outbox import OutboxStore
+    from .state.outbox import OutboxStore, inline_records
     from .web.later import Later
     from .service import IdempotentSends, SendService
     from .smtp.client import SmtpSubmitter, TlsSettings
@@ -328,8 +328,11 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         idle_timeout=min(30.0, config.smtp_pool_max_age),
     )
     PoolService(outbox_pool).setServiceParent(top)
+    inline = inline_records(config.state_db)
+    if inline is not None:
+        reactor.addSystemEventTrigger("after", "shutdown", inline.close)
     outbox = Outbox(
-        store=OutboxStore(state_runner, enqueue=enqueue, more_tables=webhook_tables.create_tables),
+        store=OutboxStore(state_runner, enqueue=enqueue, more_tables=webhook_tables.create_tables, inline=inline),
         postfix_log=postfix_log,
         make_event=make_event,
         on_events=dispatcher.wake if dispatcher is not None else None,

@@ -479,6 +479,66 @@ async def test_a_record_without_events_is_committed_unsynced_and_one_with_events
         runner.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_inline_records_skip_the_pool_and_fall_back_to_it_when_the_lock_is_taken(tmp_path: Any) -> None:
+    """On SQLite a record without events is written on the calling thread (stored when record()
+    returns, no pool call); a record with events, or one that meets the write lock taken by another
+    connection, goes through the pool and is stored all the same; every third inline write asks the
+    pool for a passive checkpoint."""
+    import sqlite3
+
+    path = tmp_path / "state.sqlite"
+    runner = open_state_runner(f"sqlite:{path}", _reactor(), pool_size=1)
+    inline = outbox_sql.InlineRecords(str(path), checkpoint_every=3)
+    store = OutboxStore(runner, enqueue=lambda conn, dialect, event: None, inline=inline)
+    pooled: list[str] = []
+    run = store._run
+
+    def counting(work: Any) -> Any:
+        pooled.append(getattr(work, "__qualname__", "?"))
+        return run(work)
+
+    store._run = counting  # type: ignore[method-assign]
+    clock = FakeClock()
+    try:
+        await store.get(mid(0), SCOPE)  # the tables exist now (first use, through the pool)
+        del pooled[:]
+        written = store.record(sent_record(clock, 1))
+        assert written.called and pooled == []  # stored before record() returned
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            assert other.execute(f"SELECT queue_id FROM {outbox_sql.TABLE} WHERE id = ?", (mid(1),)).fetchall() == [("Q1",)]
+        await store.record(sent_record(clock, 2), events=["submitted"])
+        assert len(pooled) == 1
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as holder:
+            holder.execute("BEGIN IMMEDIATE")
+            waiting = store.record(sent_record(clock, 3))  # the lock is taken: through the pool, which waits
+            assert not waiting.called and len(pooled) == 2
+            holder.execute("ROLLBACK")
+        await waiting
+        for n in (4, 5):
+            await store.record(sent_record(clock, n))
+        assert len(pooled) == 3 and "_checkpoint.<locals>.work" in pooled[-1]  # inline writes 1, 4, 5
+        rows = [await store.get(mid(n), SCOPE) for n in range(1, 6)]
+        assert [row.queue_id for row in rows if row is not None] == [f"Q{n}" for n in range(1, 6)]
+    finally:
+        inline.close()
+        runner.close()
+
+
+def test_inline_records_need_the_write_ahead_log(tmp_path: Any) -> None:
+    """A file in rollback-journal mode gets no inline writes (its unsynced commits could corrupt it)."""
+    import sqlite3
+
+    path = tmp_path / "state.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    inline = outbox_sql.InlineRecords(str(path))
+    assert inline.write([sent_record(FakeClock(), 1)]) is False
+    assert inline.write([sent_record(FakeClock(), 2)]) is False
+    assert outbox_sql.inline_records("mysql://u:p@127.0.0.1:3306/state") is None
+    assert isinstance(outbox_sql.inline_records(f"sqlite:{path}"), outbox_sql.InlineRecords)
+
+
 def test_a_refused_switch_to_the_log_leaves_the_connection_usable(tmp_path: Any) -> None:
     """While another connection holds the write lock the switch is refused: this one goes on, and a
     later connection switches the file."""

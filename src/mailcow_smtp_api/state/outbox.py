@@ -19,13 +19,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..core.outbox import NewMessage, Outcome, RecipientFate, Row, Status, row_from_values
-from ..mailcow.db import MARIADB, Dialect, MailcowDatabase, driver_errors, query_rows
+from ..mailcow.db import MARIADB, SQLITE, Dialect, MailcowDatabase, SqliteUrl, driver_errors, parse_db_url, query_rows
 from .store import TablesOnFirstUse, execute, transaction
 
 T = TypeVar("T")
+log = Logger(namespace="smtpapi.state")
 TABLE = "smtpapi_outbox"
 # Status records of synchronous sends written in one transaction at most (see OutboxStore.record).
 RECORD_BATCH = 100
@@ -298,6 +300,82 @@ def purge(conn: Any, dialect: Dialect, now: float) -> int:
 Enqueue = Callable[[Any, Dialect, Any], None]
 
 
+# Inline records between two checkpoints the pool runs (the inline connection runs none itself).
+INLINE_CHECKPOINT_EVERY = 200
+
+
+class InlineRecords:
+    """Status records of synchronous sends written on the reactor's thread, on a SQLite file.
+
+    A record that has no webhook event goes into the outbox table on a connection of its own,
+    in the calling thread, without the pool's thread hop, which cost more than the write itself.
+    The connection never waits and never blocks for long: it takes the write lock only if it is
+    free (no busy timeout), commits without syncing (``synchronous = NORMAL``, write-ahead log
+    only; see ``OutboxStore._record_now`` for what that keeps), and never checkpoints: every
+    ``checkpoint_every`` records the store asks the pool for a passive checkpoint instead. When a
+    record cannot be written here (the lock is taken, the file is not in WAL mode, any error),
+    ``write`` says so and the store writes it through the pool as before. MariaDB state
+    databases have no inline records.
+    """
+
+    def __init__(self, path: str, checkpoint_every: int = INLINE_CHECKPOINT_EVERY) -> None:
+        self._path = path
+        self._conn: Any = None
+        self._usable = True
+        self._checkpoint_every = checkpoint_every
+        self._since_checkpoint = 0
+
+    def _connection(self) -> Any:
+        if self._conn is None and self._usable:
+            import sqlite3
+
+            try:
+                conn = sqlite3.connect(self._path, timeout=0, isolation_level=None)
+                if query_rows(conn, "PRAGMA journal_mode") != [("wal",)]:
+                    conn.close()
+                    self._usable = False
+                    return None
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+            except sqlite3.Error:
+                return None  # tried again at the next record
+            self._conn = conn
+        return self._conn
+
+    def write(self, messages: Sequence[NewMessage]) -> bool:
+        """Store ``messages`` in one transaction here; False (nothing stored) when they must go through the pool."""
+        conn = self._connection()
+        if conn is None:
+            return False
+        try:
+            with transaction(conn, SQLITE):
+                for message in messages:
+                    insert(conn, SQLITE, message)
+        except Exception:
+            return False
+        self._since_checkpoint += 1
+        return True
+
+    def checkpoint_due(self) -> bool:
+        """True once every ``checkpoint_every`` writes (and then counting again)."""
+        if self._since_checkpoint < self._checkpoint_every:
+            return False
+        self._since_checkpoint = 0
+        return True
+
+    def close(self) -> None:
+        """Close the connection (a later write opens a new one)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def inline_records(state_db: str) -> InlineRecords | None:
+    """The inline records of a ``--state-db`` URL: for a SQLite file; None for MariaDB."""
+    parsed = parse_db_url(state_db)
+    return InlineRecords(parsed.path) if isinstance(parsed, SqliteUrl) else None
+
+
 class OutboxStore:
     """Deferred-returning operations on the outbox, through the state database's pooled runner.
 
@@ -306,11 +384,16 @@ class OutboxStore:
     """
 
     def __init__(
-        self, runner: MailcowDatabase, enqueue: Enqueue | None = None, more_tables: Callable[[Any, Dialect], None] | None = None
+        self,
+        runner: MailcowDatabase,
+        enqueue: Enqueue | None = None,
+        more_tables: Callable[[Any, Dialect], None] | None = None,
+        inline: InlineRecords | None = None,
     ) -> None:
         self._runner = runner
         self.dialect = runner.dialect
         self._enqueue = enqueue
+        self._inline = inline
         self._records: list[tuple[NewMessage, Sequence[Any], Deferred[None]]] = []
         self._recording = False
 
@@ -384,8 +467,26 @@ class OutboxStore:
 
     def _write_records(self) -> None:
         batch, self._records = self._records[:RECORD_BATCH], self._records[RECORD_BATCH:]
+        inline = self._inline
+        if inline is not None and self._tables.ready and not any(events for _, events, _ in batch):
+            if inline.write([message for message, _, _ in batch]):
+                for _, _, waiter in batch:
+                    waiter.callback(None)
+                if inline.checkpoint_due():
+                    self._checkpoint()
+                return
         self._recording = True
         self._record_now(batch).addBoth(self._records_written, batch)
+
+    def _checkpoint(self) -> None:
+        """Copy what the inline records added to the log into the database file, in the pool."""
+
+        def work(conn: Any, dialect: Dialect) -> None:
+            query_rows(conn, "PRAGMA wal_checkpoint(PASSIVE)")
+
+        self._run(work).addErrback(
+            lambda failure: log.warn("outbox: a checkpoint of the state database failed ({e})", e=type(failure.value).__name__)
+        )
 
     def _records_written(self, result: Any, batch: list[tuple[NewMessage, Sequence[Any], Deferred[None]]]) -> None:
         self._recording = False

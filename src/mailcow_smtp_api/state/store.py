@@ -158,6 +158,11 @@ class TablesOnFirstUse:
         self._create = create
         self._ready = False
 
+    @property
+    def ready(self) -> bool:
+        """True once the tables were made (or found) by a call that reached the database."""
+        return self._ready
+
     def __call__(self, func: Callable[[Any], T]) -> Deferred[T]:
         """``func(conn)`` in the pool: with the ping before use, the timeout and the queue bound."""
 
