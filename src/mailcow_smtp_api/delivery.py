@@ -219,7 +219,7 @@ class Outbox:
 
     async def record(self, message: NewMessage) -> None:
         """Keep the status record of a message already handed to postfix (a synchronous send)."""
-        await self.store.record(message, self._events(Status.SUBMITTED, message.as_row().as_json()))
+        await self.store.record(message, self._events(Status.SUBMITTED, lambda: message.as_row().as_json()))
         self._catch_up(message.message_id)
 
     async def status(self, message: str, scope: str) -> dict[str, Any]:
@@ -365,7 +365,7 @@ class Outbox:
         await self._settle(row, token, Outcome(Status.FAILED, now, now + self.limits.status_ttl, attempt, fates=fates, drop_body=True))
 
     async def _settle(self, row: Row, token: str, outcome: Outcome) -> None:
-        events = self._events(outcome.status, row.settled(outcome).as_json()) if outcome.status is not row.status else []
+        events = self._events(outcome.status, lambda: row.settled(outcome).as_json()) if outcome.status is not row.status else []
         if await self.store.settle(row, token, outcome, events) and events and self.on_events is not None:
             self.on_events()
 
@@ -424,7 +424,7 @@ class Outbox:
                 status = status_from_recipients({k: v for k, v in fates.items() if v.status != "refused"}, _accepted(row, fates))
                 now = self.now()
                 after = attrs.evolve(row, fates=fates, status=status, updated_at=now)
-                events = self._events(status, after.as_json()) if status is not row.status else []
+                events = self._events(status, after.as_json) if status is not row.status else []
                 if await self.store.update_fates(row, fates, status, now, now + self.limits.status_ttl, events):
                     if events and self.on_events is not None:
                         self.on_events()
@@ -435,11 +435,12 @@ class Outbox:
             if not pending:
                 return
 
-    def _events(self, status: Status, message_json: Mapping[str, Any]) -> list[Any]:
+    def _events(self, status: Status, message_json: Callable[[], Mapping[str, Any]]) -> list[Any]:
+        """The webhook events of a change to ``status``; the message's JSON is made only when there are any."""
         name = EVENT_OF.get(status)
         if name is None or self.make_event is None:
             return []
-        return [self.make_event(name, message_json, self.now())]
+        return [self.make_event(name, message_json(), self.now())]
 
     # ------------------------------------------------------------------ retention
 
