@@ -334,17 +334,20 @@ class InlineRecords:
         if self._conn is None and self._usable:
             import sqlite3
 
+            conn = None
             try:
                 conn = sqlite3.connect(self._path, timeout=0, isolation_level=None)
                 if query_rows(conn, "PRAGMA journal_mode") != [("wal",)]:
-                    conn.close()
                     self._usable = False
-                    return None
-                conn.execute("PRAGMA synchronous = NORMAL")
-                conn.execute("PRAGMA wal_autocheckpoint = 0")
+                else:
+                    conn.execute("PRAGMA synchronous = NORMAL")
+                    conn.execute("PRAGMA wal_autocheckpoint = 0")
+                    self._conn, conn = conn, None
             except sqlite3.Error:
-                return None  # tried again at the next record
-            self._conn = conn
+                pass  # tried again at the next record
+            finally:
+                if conn is not None:
+                    conn.close()
         return self._conn
 
     def write(self, messages: Sequence[NewMessage]) -> bool:
