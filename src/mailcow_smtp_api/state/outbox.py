@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from ..core.outbox import NewMessage, Outcome, RecipientFate, Row, Status, row_from_values
 from ..mailcow.db import MARIADB, SQLITE, Dialect, MailcowDatabase, SqliteUrl, driver_errors, parse_db_url, query_rows
-from .store import TablesOnFirstUse, execute, transaction
+from .store import TablesOnFirstUse, execute, in_wal_mode, transaction
 
 T = TypeVar("T")
 log = Logger(namespace="smtpapi.state")
@@ -337,7 +337,7 @@ class InlineRecords:
             conn = None
             try:
                 conn = sqlite3.connect(self._path, timeout=0, isolation_level=None)
-                if query_rows(conn, "PRAGMA journal_mode") != [("wal",)]:
+                if not in_wal_mode(conn):
                     self._usable = False
                 else:
                     conn.execute("PRAGMA synchronous = NORMAL")
@@ -376,6 +376,11 @@ class InlineRecords:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+def _without_events(batch: Sequence[tuple[NewMessage, Sequence[Any], Any]]) -> bool:
+    """True when no record of ``batch`` carries a webhook event (such records need not be synced)."""
+    return not any(events for _, events, _ in batch)
 
 
 def inline_records(state_db: str) -> InlineRecords | None:
@@ -456,10 +461,10 @@ class OutboxStore:
         # the log is next synced (by any other commit, all synced, or a checkpoint); the database
         # stays consistent either way. Everything else, records with events included, is synced.
         # Only in write-ahead-log mode: with a rollback journal, NORMAL could corrupt the file.
-        relaxed = self.dialect is not MARIADB and not any(events for _, events, _ in batch)
+        relaxed = self.dialect is not MARIADB and _without_events(batch)
 
         def work(conn: Any, dialect: Dialect) -> None:
-            unsynced = relaxed and query_rows(conn, "PRAGMA journal_mode") == [("wal",)]
+            unsynced = relaxed and in_wal_mode(conn)
             if unsynced:
                 execute(conn, dialect, "PRAGMA synchronous = NORMAL")
             try:
@@ -476,7 +481,7 @@ class OutboxStore:
     def _write_records(self) -> None:
         batch, self._records = self._records[:RECORD_BATCH], self._records[RECORD_BATCH:]
         inline = self._inline
-        if inline is not None and self._tables.ready and not any(events for _, events, _ in batch):
+        if inline is not None and self._tables.ready and _without_events(batch):
             if inline.write([message for message, _, _ in batch]):
                 for _, _, waiter in batch:
                     waiter.callback(None)

@@ -331,31 +331,33 @@ def open_state_store(
     return IdempotencyStore(runner, runner.dialect, description=runner.description)
 
 
+def in_wal_mode(conn: Any) -> bool:
+    """True when the file of SQLite connection ``conn`` is in write-ahead-log mode."""
+    return str(query_rows(conn, "PRAGMA journal_mode")[0][0]).lower() == "wal"
+
+
 def write_ahead_log(conn: Any) -> None:
-    """SQLite in write-ahead-log mode, every commit still synced to disk (``synchronous = FULL``).
+    """SQLite in write-ahead-log mode, every commit synced to disk (``synchronous = FULL``) unless
+    a transaction says otherwise (only the outbox's status records without webhook events do, see
+    ``state.outbox``).
 
     In its default mode SQLite writes a rollback journal for every transaction, syncs it, writes
     the database, syncs that and deletes the journal: with a status record per synchronous send
     that was the largest CPU cost of a send. With the log, a commit appends to it and syncs once;
-    a committed record survives a crash or power loss as before. Readers do not block the writer.
-    The mode stays with the file; the log lives beside it (``PATH-wal``, ``PATH-shm``). Only a
-    connection that finds the file in another mode switches it; should that switch be refused
-    (another connection holds a lock), this connection goes on in the file's mode, which is just
-    as correct, and the next one tries again.
+    a committed, synced change survives a crash or power loss as before. Readers do not block the
+    writer. The mode stays with the file; the log lives beside it (``PATH-wal``, ``PATH-shm``).
+    Only a connection that finds the file in another mode switches it; should that switch be
+    refused (another connection holds a lock), this connection goes on in the file's mode, which
+    is just as correct, and the next one tries again.
     """
     import sqlite3
 
-    cursor = conn.cursor()
-    try:
-        cursor.execute("PRAGMA synchronous = FULL")
-        cursor.execute("PRAGMA journal_mode")
-        if str(cursor.fetchone()[0]).lower() != "wal":
-            try:
-                cursor.execute("PRAGMA journal_mode = WAL")
-            except sqlite3.OperationalError:
-                pass
-    finally:
-        cursor.close()
+    conn.execute("PRAGMA synchronous = FULL")
+    if not in_wal_mode(conn):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError:
+            pass
 
 
 def open_state_runner(

@@ -19,11 +19,17 @@ from twisted.logger import FileLogObserver, Logger, formatEvent, formatEventAsCl
 _PLAIN = (str, int, float, bool, type(None))
 
 
-def _text(event: dict[str, Any]) -> str:
-    """The event's message: its rendered ``log_text`` when it has one (``info_line``'s events, and
-    legacy ``log.msg`` ones, whose format is that field alone), else Twisted's formatting."""
+def _rendered(event: dict[str, Any]) -> str | None:
+    """The event's message as already rendered (``log_text``: ``info_line``'s events, and legacy
+    ``log.msg`` ones, whose format is that field alone); None when it has to be formatted."""
     text = event.get("log_text")
-    return text if type(text) is str else formatEvent(event)
+    return text if type(text) is str else None
+
+
+def _text(event: dict[str, Any]) -> str:
+    """The event's message: its rendered text when it has one, else Twisted's formatting."""
+    text = _rendered(event)
+    return formatEvent(event) if text is None else text
 
 
 def _line(event: dict[str, Any]) -> str:
@@ -70,8 +76,8 @@ class ClassicText:
         return self._stamp
 
     def __call__(self, event: dict[str, Any]) -> str | None:
-        text = event.get("log_text")
-        if type(text) is not str or "log_failure" in event or "log_system" in event:
+        text = _rendered(event)
+        if text is None or "log_failure" in event or "log_system" in event:
             return formatEventAsClassicLogText(event)
         level = event.get("log_level")
         system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
