@@ -118,6 +118,31 @@ def test_family_ticks_follows_parents_to_the_root() -> None:
     assert totals == {"postfix": 5 + 40 + 7 + 3, "mariadb": 100, "else": 1000 + 9}
 
 
+def test_cpu_between_two_readings_uses_the_threads_nanoseconds_while_they_all_live() -> None:
+    """Per-thread schedstat time when every thread of the first reading is still there (new ones
+    count from zero); the coarse utime + stime once a thread has exited and taken its time along."""
+    before = bench.ProcessCpu(ticks_seconds=1.00, threads_ns={10: 500_000_000, 11: 200_000_000})
+    grown = bench.ProcessCpu(ticks_seconds=1.01, threads_ns={10: 503_250_000, 11: 200_500_000, 12: 1_000})
+    assert bench.cpu_seconds_between(before, grown) == pytest.approx(0.003751)
+    lost = bench.ProcessCpu(ticks_seconds=1.02, threads_ns={10: 503_250_000})
+    assert bench.cpu_seconds_between(before, lost) == pytest.approx(0.02)
+    assert bench.cpu_seconds_between(bench.ProcessCpu(1.0, {}), bench.ProcessCpu(1.5, {})) == pytest.approx(0.5)
+
+
+def test_process_cpu_of_this_process_grows_with_work() -> None:
+    """The reading of a live process has its threads; spinning shows up in the nanosecond counters."""
+    import os
+    import time
+
+    before = bench.ProcessCpu.read(os.getpid())
+    assert os.getpid() in before.threads_ns
+    end = time.process_time() + 0.05
+    while time.process_time() < end:
+        pass
+    spent = bench.cpu_seconds_between(before, bench.ProcessCpu.read(os.getpid()))
+    assert 0.04 <= spent < 5.0
+
+
 def test_machine_busy_ticks_excludes_idle_and_iowait() -> None:
     """Busy time is user+nice+system+irq+softirq+steal of the aggregate cpu line."""
     text = "cpu  100 5 50 9000 300 2 3 4 0 0\ncpu0 50 2 25 4500 150 1 1 2 0 0\n"
