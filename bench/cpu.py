@@ -1,4 +1,4 @@
-"""CPU per message: the sidecar's, postfix's beside it, and the floor of the sidecar's HTTP stack, in one run.
+"""CPU per message: the sidecar's, postfix's beside it, and the floors of the sidecar's stack, in one run.
 
     .venv/bin/python -m bench.cpu [--quick] [--json FILE] [--profile FILE] [--ab-base DIR]
 
@@ -10,12 +10,14 @@ bed, load generator and /proc accounting:
     direct-reused             smtplib, one STARTTLS+AUTH session per client, reused (the baseline)
     floor-resource            bench/floor.py: a bare twisted.web Resource doing json.loads and answering
     floor-klein               the same handler on a Klein route
+    floor-app                 bench/floor.py: that Resource, a fixed-header text message and pipelined
+                              pooled STARTTLS sessions to the same postfix: the whole job at its least
 
 and prints, per path and scenario, the CPU microseconds per message of the process under test,
 of postfix with dovecot, their ratio, the sidecar over the floors, and msg/s over direct-reused,
 then the issue's goals with the figures that meet or miss them. ``--ab-base DIR`` instead runs
 two sidecars at once on the same load, one on DIR's ``src`` and one on this tree's, and prints
-the per-message CPU of both. ``--profile FILE`` samples the CPU time of a sidecar (587 unless
+the per-message CPU of both (every other repetition with the two places swapped). ``--profile FILE`` samples the CPU time of a sidecar (587 unless
 ``--profile-path``) under the first scenario's load with yappi and prints its top entries. Speed is reported, never asserted.
 """
 
@@ -78,7 +80,7 @@ from bench.run import (  # noqa: E402
     start_sidecar,
 )
 
-FLOOR_PATHS = {"floor-resource": "resource", "floor-klein": "klein"}
+FLOOR_PATHS = {"floor-resource": "resource", "floor-klein": "klein", "floor-app": "app"}
 ALL_PATHS = [*SIDECAR_PATHS, DIRECT_REUSED, *FLOOR_PATHS]
 PACED_RATE = 200.0  # msg/s: the issue's paced load
 WARM_SECONDS = 1.0  # before each measured phase, the same load for this long, not counted
@@ -145,6 +147,7 @@ class CpuRow:
     own_vs_postfix: float | None
     vs_floor_resource: float | None
     vs_floor_klein: float | None
+    vs_floor_app: float | None
     machine_us: float | None
     other_us: float | None  # every process outside the bed and this run: other users' load competing
 
@@ -185,10 +188,11 @@ def cpu_rows(results: Sequence[PhaseResult]) -> list[CpuRow]:
                 msgs_per_s=result.msgs_per_s,
                 vs_reused=ratio(own.msgs_per_s if own else None, reused.msgs_per_s if reused else None),
                 own_us=mine,
-                postfix_us=postfix if result.path not in FLOOR_PATHS else None,
-                own_vs_postfix=ratio(mine, postfix) if result.path in SIDECAR_PATHS else None,
+                postfix_us=postfix if result.path not in FLOOR_PATHS or result.path == "floor-app" else None,
+                own_vs_postfix=ratio(mine, postfix) if result.path in (*SIDECAR_PATHS, "floor-app") else None,
                 vs_floor_resource=ratio(mine, floors["floor-resource"]) if result.path in SIDECAR_PATHS else None,
                 vs_floor_klein=ratio(mine, floors["floor-klein"]) if result.path in SIDECAR_PATHS else None,
+                vs_floor_app=ratio(mine, floors["floor-app"]) if result.path in SIDECAR_PATHS else None,
                 machine_us=micros_per_message(own.machine_cpu_s, own.sent) if own is not None else None,
                 other_us=micros_per_message(own.family_cpu_s.get("other"), own.sent) if own is not None else None,
             )
@@ -198,7 +202,7 @@ def cpu_rows(results: Sequence[PhaseResult]) -> list[CpuRow]:
 
 CPU_HEADERS = [
     "scenario", "path", "sent", "err", "msg/s", "x reused", "own us/msg", "postfix+dovecot us/msg",
-    "own / postfix", "x floor-resource", "x floor-klein", "machine us/msg", "other us/msg",
+    "own / postfix", "x floor-resource", "x floor-klein", "x floor-app", "machine us/msg", "other us/msg",
 ]  # fmt: skip
 
 
@@ -219,6 +223,7 @@ def render_cpu_table(rows: Sequence[CpuRow]) -> str:
                 format_number(row.own_vs_postfix, 2),
                 format_number(row.vs_floor_resource, 2),
                 format_number(row.vs_floor_klein, 2),
+                format_number(row.vs_floor_app, 2),
                 format_number(row.machine_us, 0),
                 format_number(row.other_us, 0),
             ]
@@ -282,6 +287,22 @@ def goals(rows: Sequence[CpuRow]) -> list[Goal]:
     return found
 
 
+def floor_lines(rows: Sequence[CpuRow]) -> list[str]:
+    """The sidecar against floor-app, the whole job at its least on this machine, where both ran."""
+    index = {(row.scenario, row.path): row for row in rows}
+    lines = []
+    for (scenario, path), row in index.items():
+        floor = index.get((scenario, "floor-app"))
+        if path in SIDECAR_PATHS and row.vs_floor_app is not None and floor is not None:
+            lines.append(
+                f"  {scenario:12} {path:12} {format_number(row.own_us, 0)} us = {row.vs_floor_app:.2f}x floor-app's "
+                f"{format_number(floor.own_us, 0)} us ({format_number(row.own_us - floor.own_us, 0)} us above it)"
+                if row.own_us is not None and floor.own_us is not None
+                else f"  {scenario:12} {path:12} -"
+            )
+    return lines
+
+
 def render_goals(found: Sequence[Goal]) -> str:
     """The goals as a table: met, missed, or '-' when not measured in this run."""
     return format_table(
@@ -293,17 +314,27 @@ def render_goals(found: Sequence[Goal]) -> str:
 # -------------------------------------------------------------------------------- A/B
 
 
-def ab_summary(samples: Mapping[str, Sequence[float]]) -> dict[str, float | None]:
-    """Median per-message CPU of A and B over repeated phases, and the median of their paired differences.
+def ab_summary(samples: Mapping[str, Sequence[float]], swapped: Sequence[bool] = ()) -> dict[str, float | None]:
+    """Median per-message CPU of A and B over repeated phases, and their paired differences.
 
-    ``samples`` maps "a" and "b" to µs per message of each repetition (paired by index).
+    ``samples`` maps "a" and "b" to µs per message of each repetition (paired by index);
+    ``swapped[i]`` is True when repetition i ran B in the first sidecar's place. Two processes
+    under the same load need not cost the same in each place (which core, who started first):
+    with as many swapped repetitions as not, the mean of B - A cancels that, and ``position_us``
+    estimates it (the second place's cost over the first's, the same sources in both).
     """
     a, b = list(samples.get("a", ())), list(samples.get("b", ()))
     pairs = [y - x for x, y in zip(a, b)]
+    flags = list(swapped) + [False] * (len(pairs) - len(swapped))
+    straight = [d for d, flag in zip(pairs, flags) if not flag]
+    crossed = [d for d, flag in zip(pairs, flags) if flag]
+    balanced = bool(straight) and len(straight) == len(crossed)
     return {
         "a_us": statistics.median(a) if a else None,
         "b_us": statistics.median(b) if b else None,
         "b_minus_a_us": statistics.median(pairs) if pairs else None,
+        "b_minus_a_mean_us": statistics.fmean(pairs) if balanced else None,
+        "position_us": (statistics.fmean(straight) - statistics.fmean(crossed)) / 2 if balanced else None,
     }
 
 
@@ -346,13 +377,13 @@ class AlternatingSender:
 
 
 @contextlib.contextmanager
-def floor_server(kind: str, workdir: Path) -> Iterator[Any]:
-    """bench/floor.py on a free port, as a child process, stopped afterwards."""
+def floor_server(kind: str, workdir: Path, extra: Sequence[str] = ()) -> Iterator[Any]:
+    """bench/floor.py on a free port (``extra``: its further arguments), as a child process, stopped afterwards."""
     from tests.integration.conftest import SIDECAR_START_TIMEOUT, Sidecar, _healthy, free_port
 
     port = free_port()
     log_path = workdir / f"floor-{kind}.log"
-    argv = [sys.executable, "-m", "bench.floor", kind, str(port)]
+    argv = [sys.executable, "-m", "bench.floor", kind, str(port), *extra]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
     server = Sidecar(port=port, process=process, log_path=log_path, argv=argv)
@@ -414,7 +445,8 @@ def run_phase(
         measure(result, scenario, make_smtp, processes, Meter(None, bench.roots))
     elif path in FLOOR_PATHS:
         payload = send_payload(recipients, body, bench.password, SIDECAR_PATHS["sidecar-587"])
-        with floor_server(FLOOR_PATHS[path], bench.workdir) as server:
+        kind = FLOOR_PATHS[path]
+        with floor_server(kind, bench.workdir, [bench.cafile] if kind == "app" else []) as server:
 
             def make_floor() -> Sender:
                 return HttpSender(server.port, payload, bench.api_key)
@@ -444,10 +476,19 @@ def run_phase(
 
 
 def run_ab_phase(
-    bench: Bench, scenario: Scenario, path: str, processes: int, base_src: Path, new_src: Path | None = None
+    bench: Bench,
+    scenario: Scenario,
+    path: str,
+    processes: int,
+    base_src: Path,
+    new_src: Path | None = None,
+    swap: bool = False,
 ) -> dict[str, float | None]:
     """Two sidecars at once on alternating requests: A on ``base_src``, B on ``new_src`` (default this
-    tree). µs per message of each."""
+    tree). µs per message of each. ``swap`` starts B first, in the place A has otherwise."""
+    if swap:
+        figures = run_ab_phase(bench, scenario, path, processes, new_src or REPO / "src", base_src)
+        return {**figures, "a": figures["b"], "b": figures["a"]}
     from tests.integration.conftest import run_testbed_script
 
     check_disk(bench.directory)
@@ -533,7 +574,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="A/B: run a sidecar on DIR/src beside one on this tree, same load, alternating requests",
     )
     parser.add_argument("--ab-new", metavar="DIR", help="A/B: run B on DIR/src instead of this tree's")
-    parser.add_argument("--repeat", type=int, default=3, help="A/B: phases per scenario and path (default 3)")
+    parser.add_argument(
+        "--repeat", type=int, default=4, help="A/B: phases per scenario and path, every other one with the places swapped (default 4)"
+    )
     parser.add_argument(
         "--profile",
         metavar="FILE",
@@ -607,6 +650,10 @@ def run(options: argparse.Namespace) -> int:
     if errors:
         print("\nErrors (left out of the figures):\n" + "\n".join(errors))
     print("\nGoals of issue 16:\n" + render_goals(found))
+    above_floor = floor_lines(rows)
+    if above_floor:
+        print("\nThe stack's floor in this run (floor-app: HTTP, JSON, a plain message, pooled pipelined STARTTLS):")
+        print("\n".join(above_floor))
     sources = sorted({r.sidecar_source for r in results if r.sidecar_source})
     print(f"\nWhole run {elapsed:.0f} s on {facts['cpus']} CPUs ({facts['cpu']}); {facts['date']}; source {', '.join(sources)}")
     if options.json:
@@ -640,15 +687,19 @@ def run_ab(
     for scenario in scenarios:
         for path in paths:
             samples: dict[str, list[float]] = {"a": [], "b": []}
-            for _ in range(options.repeat):
-                figures = run_ab_phase(bench, scenario, path, processes, base_src, new_src)
-                raw.append({"scenario": scenario.name, "path": path, **figures})
-                for side in ("a", "b"):
-                    value = figures[side]
-                    if value is not None:
-                        samples[side].append(value)
-                progress(f"A/B {scenario.name:12} {path:12} a={figures['a']} b={figures['b']} err={figures['errors']}")
-            summary = ab_summary(samples)
+            swapped: list[bool] = []
+            for repetition in range(options.repeat):
+                swap = repetition % 2 == 1  # every other run starts B first, in A's place
+                figures = run_ab_phase(bench, scenario, path, processes, base_src, new_src, swap=swap)
+                raw.append({"scenario": scenario.name, "path": path, "swapped": swap, **figures})
+                if figures["a"] is not None and figures["b"] is not None:
+                    samples["a"].append(figures["a"])
+                    samples["b"].append(figures["b"])
+                    swapped.append(swap)
+                progress(
+                    f"A/B {scenario.name:12} {path:12} a={figures['a']} b={figures['b']} swapped={swap} err={figures['errors']}"
+                )
+            summary = ab_summary(samples, swapped)
             rows.append(
                 [
                     scenario.name,
@@ -657,10 +708,14 @@ def run_ab(
                     format_number(summary["a_us"], 0),
                     format_number(summary["b_us"], 0),
                     format_number(summary["b_minus_a_us"], 0),
+                    format_number(summary["b_minus_a_mean_us"], 0),
+                    format_number(summary["position_us"], 0),
                 ]
             )
     print(f"A/B: A = {base_src}, B = {new_src or REPO / 'src'}; CPU us per message, medians over repetitions")
-    print(format_table(["scenario", "path", "runs", "A us/msg", "B us/msg", "B - A (paired median)"], rows, numeric_from=2))
+    print("(every other repetition swaps the places; with an even --repeat the mean cancels what a place costs)")
+    headers = ["scenario", "path", "runs", "A us/msg", "B us/msg", "B - A (paired median)", "B - A (mean)", "place 2 - place 1"]
+    print(format_table(headers, rows, numeric_from=2))
     if options.json:
         document["ab"] = raw
         Path(options.json).write_text(json.dumps(document, indent=2) + "\n")

@@ -60,6 +60,22 @@ def test_rows_divide_by_postfix_floors_and_direct_reused_of_the_same_scenario() 
     assert rows["floor-klein"].postfix_us is None and rows["floor-klein"].vs_floor_resource is None
 
 
+def test_the_sidecar_over_floor_app_which_is_also_set_beside_postfix() -> None:
+    """floor-app does the whole job at its least: the sidecar's ratio to it, and its own to postfix."""
+    results = [
+        _phase("paced-1KB", "sidecar-587", 1000, 3.0, postfix=4.0),
+        _phase("paced-1KB", "floor-app", 1000, 2.0, postfix=4.5, dovecot=0.5),
+    ]
+    rows = {row.path: row for row in cpu.cpu_rows(results)}
+    assert rows["sidecar-587"].vs_floor_app == pytest.approx(1.5)
+    assert rows["floor-app"].postfix_us == pytest.approx(5000.0)
+    assert rows["floor-app"].own_vs_postfix == pytest.approx(0.4)
+    assert rows["floor-app"].vs_floor_app is None
+    lines = cpu.floor_lines(list(rows.values()))
+    assert len(lines) == 1 and "3,000 us = 1.50x floor-app's 2,000 us (1,000 us above it)" in lines[0]
+    assert cpu.floor_lines(cpu.cpu_rows(results[:1])) == []
+
+
 def test_rows_of_a_failed_phase_have_no_figures() -> None:
     """A phase that sent nothing gets no per-message figures and gives its ratios nothing."""
     failed = _phase("clients-1", "direct-reused", 0, None)
@@ -132,7 +148,21 @@ def test_ab_summary_takes_medians_and_the_paired_difference() -> None:
     assert summary["a_us"] == 1000.0
     assert summary["b_us"] == 800.0
     assert summary["b_minus_a_us"] == -200.0  # pairs: -200, -50, -400
-    assert cpu.ab_summary({"a": [], "b": []}) == {"a_us": None, "b_us": None, "b_minus_a_us": None}
+    assert cpu.ab_summary({"a": [], "b": []}) == {
+        "a_us": None, "b_us": None, "b_minus_a_us": None, "b_minus_a_mean_us": None, "position_us": None,
+    }  # fmt: skip
+
+
+def test_ab_summary_cancels_what_a_place_costs_when_half_the_runs_are_swapped() -> None:
+    """B is 100 us cheaper; the second place costs 150 us less than the first. Straight runs see
+    -250, swapped ones +50: the mean gives the -100 and the place effect comes out as -150."""
+    a = [1000.0, 1000.0, 1000.0, 1000.0]
+    b = [750.0, 1050.0, 750.0, 1050.0]
+    summary = cpu.ab_summary({"a": a, "b": b}, [False, True, False, True])
+    assert summary["b_minus_a_mean_us"] == -100.0
+    assert summary["position_us"] == -150.0
+    unbalanced = cpu.ab_summary({"a": a[:3], "b": b[:3]}, [False, True, False])
+    assert unbalanced["b_minus_a_mean_us"] is None and unbalanced["position_us"] is None
 
 
 def test_alternating_sender_takes_turns() -> None:
