@@ -259,8 +259,8 @@ def build_service(config: Config, reactor: Any) -> app_service.MultiService:
         max_busy_per_target=config.smtp_max_connections,
         max_age=config.smtp_pool_max_age,
         idle_timeout=min(30.0, config.smtp_pool_max_age),
-        on_change=metrics.pool_figures,
     )
+    metrics.watch_pool(pool)
     PoolService(pool).setServiceParent(top)
     workers = Workers(reactor)
     workers.setServiceParent(top)

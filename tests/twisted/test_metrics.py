@@ -32,12 +32,19 @@ def test_bound_children_count_per_label_values() -> None:
     }
 
 
-def test_pool_gauges_show_the_last_figures() -> None:
-    """The gauges read the pool's last idle and busy counts, whether they changed or were repeated."""
+def test_pool_gauges_read_the_pool_at_each_scrape() -> None:
+    """The gauges show the pool's idle and busy counts as they are when the metrics are rendered."""
+
+    class Pool:
+        idle = 0
+        busy = 0
+
     metrics = Metrics()
+    pool = Pool()
+    metrics.watch_pool(pool)
     assert _samples(metrics, "smtpapi_smtp_pool_sessions") == {(("state", "busy"),): 0.0, (("state", "idle"),): 0.0}
-    metrics.pool_figures(2, 1)
-    metrics.pool_figures(2, 1)
+    pool.idle, pool.busy = 2, 1
     assert _samples(metrics, "smtpapi_smtp_pool_sessions") == {(("state", "busy"),): 1.0, (("state", "idle"),): 2.0}
-    metrics.pool_figures(0, 0)
+    assert b'smtpapi_smtp_pool_sessions{state="idle"} 2.0' in metrics.render()
+    pool.idle, pool.busy = 0, 0
     assert _samples(metrics, "smtpapi_smtp_pool_sessions") == {(("state", "busy"),): 0.0, (("state", "idle"),): 0.0}

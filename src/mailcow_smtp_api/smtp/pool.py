@@ -25,7 +25,6 @@ import hashlib
 import hmac
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -100,7 +99,6 @@ class SessionPool:
         idle_timeout: float = 30.0,
         max_age: float = 300.0,
         noop_after: float = 5.0,
-        on_change: Callable[[int, int], None] | None = None,
     ) -> None:
         self._opener = opener
         self._clock = clock
@@ -113,7 +111,6 @@ class SessionPool:
         self._idle: dict[PoolKey, list[_Idle]] = {}
         self._limits: OrderedDict[tuple[str, int], DeferredSemaphore] = OrderedDict()
         self.busy = 0
-        self._on_change = on_change
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
 
@@ -132,7 +129,6 @@ class SessionPool:
             for entry in entries:
                 entry.session.quit()
         self._idle.clear()
-        self._changed()
         return Deferred.fromCoroutine(_nothing())
 
     @property
@@ -154,7 +150,6 @@ class SessionPool:
                 self._idle[key] = keep
             else:
                 del self._idle[key]
-        self._changed()
 
     # -- submitting
 
@@ -183,7 +178,6 @@ class SessionPool:
     ) -> SubmitResult:
         key = self.key_for(target, credentials)
         self.busy += 1
-        self._changed()
         try:
             entry = await self._reusable(key)
             if entry is not None:
@@ -209,7 +203,6 @@ class SessionPool:
             return result
         finally:
             self.busy -= 1
-            self._changed()
 
     async def _reusable(self, key: PoolKey) -> _Idle | None:
         """The freshest usable idle session for ``key`` (NOOP-checked when idle for a while), or None."""
@@ -262,11 +255,6 @@ class SessionPool:
                 del self._idle[oldest]
         entry.last_used = now
         self._idle.setdefault(key, []).append(entry)
-        self._changed()
-
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change(self.idle, self.busy)
 
 
 async def _nothing() -> None:

@@ -7,11 +7,21 @@ hold only bounded values: route, HTTP status, error code, SMTP reply class, fail
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
+
+
+class PoolFigures(Protocol):
+    """What the gauges read of the SMTP session pool."""
+
+    @property
+    def idle(self) -> int: ...  # noqa: D102
+
+    @property
+    def busy(self) -> int: ...  # noqa: D102
 
 
 class BoundCounter(Counter):
@@ -70,20 +80,15 @@ class Metrics:
         self.pool_sessions = Gauge(
             "smtpapi_smtp_pool_sessions", "Open pooled SMTP sessions", ["state"], registry=self.registry
         )
-        self._pool_idle = self.pool_sessions.labels(state="idle")
-        self._pool_busy = self.pool_sessions.labels(state="busy")
-        self._pool_figures: tuple[int, int] = (0, 0)
 
-    def pool_figures(self, idle: int, busy: int) -> None:
-        """The pool's idle and busy sessions now; the gauges are set only when a figure changed.
+    def watch_pool(self, pool: PoolFigures) -> None:
+        """The pool's idle and busy sessions, read from ``pool`` when the metrics are rendered.
 
-        The pool reports after every take and release, several times per message, mostly with
-        the figures it reported last.
+        Nothing is written per take or release (several per message): the gauges ask the pool
+        at each scrape.
         """
-        if (idle, busy) != self._pool_figures:
-            self._pool_figures = (idle, busy)
-            self._pool_idle.set(idle)
-            self._pool_busy.set(busy)
+        self.pool_sessions.labels(state="idle").set_function(lambda: pool.idle)
+        self.pool_sessions.labels(state="busy").set_function(lambda: pool.busy)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
