@@ -356,9 +356,12 @@ class InlineRecords:
         if conn is None:
             return False
         try:
-            with transaction(conn, SQLITE):
-                for message in messages:
-                    insert(conn, SQLITE, message)
+            if len(messages) == 1:
+                insert(conn, SQLITE, messages[0])  # one statement in autocommit: its own transaction
+            else:
+                with transaction(conn, SQLITE):
+                    for message in messages:
+                        insert(conn, SQLITE, message)
         except Exception:
             return False
         self._since_checkpoint += 1
