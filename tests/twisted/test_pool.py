@@ -181,6 +181,22 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(r).queue_id for r in results], ["Q"] * 5)
         self.assertEqual(len(self.opener.sessions), 2)
 
+    def test_a_send_given_up_while_it_waits_for_the_limit_takes_no_place(self) -> None:
+        """A waiting send that is cancelled leaves the queue; the limit's places all come back."""
+        self.opener.pending = []
+        pool = SessionPool(self.opener, self.clock, max_busy_per_target=1)
+        first = pool.submit(TARGET, ALICE, ENV, b"m")
+        waiting = pool.submit(TARGET, ALICE, ENV, b"m")
+        third = pool.submit(TARGET, ALICE, ENV, b"m")
+        waiting.cancel()
+        self.failureResultOf(waiting)
+        self.opener.pending[0].callback(None)
+        self.assertEqual(self.successResultOf(first).queue_id, "Q")
+        self.assertEqual(self.successResultOf(third).queue_id, "Q")
+        self.assertEqual(self.opener.sessions[0].log, ["send", "send"])
+        limit = pool._limit(TARGET)
+        self.assertEqual(limit.tokens, limit.limit)
+
     def test_idle_sessions_per_target_are_bounded(self) -> None:
         """At most max_idle_per_target sessions wait; the rest are closed."""
         self.opener.pending = []
