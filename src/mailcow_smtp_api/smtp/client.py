@@ -618,22 +618,16 @@ class SmtpClientProtocol(LineReceiver):
             return succeed(None)
         return self._wait("tls", "tls")
 
-    def send_payload(self, payload: Iterator[bytes], small: bool = False) -> Deferred[Reply]:
+    def send_payload(self, payload: Iterator[bytes]) -> Deferred[Reply]:
         """Write the DATA payload (as streamed by ``_PayloadWriter``); fire with the reply to the final dot.
 
         The timeout restarts whenever the transport takes another chunk, so a large message on a slow
         link is not cut off, but a server that stops reading is. Once the final dot is handed to the
         transport the phase is ``message``: from then on the message may have been accepted.
-        A ``small`` payload (one chunk and the final dot) is handed to the transport at once: it
-        buffers that much anyway, and a streaming producer would only be registered and removed.
         """
         if self._failure is not None:
             return fail(self._failure)
         waiter = self._wait("data", "data")
-        if small:
-            self.transport.write(b"".join(payload))  # type: ignore[union-attr]
-            self._payload_written()
-            return waiter
         self._writer = _PayloadWriter(self, payload)
         self._writer.start()
         return waiter
@@ -814,8 +808,7 @@ class SmtpSession:
             results = await self._envelope_pipelined(mail, envelope.recipients, recipients, hidden)
         else:
             results = await self._envelope_in_step(mail, envelope.recipients, recipients, hidden)
-        payload = stuffed_chunks(pieces)
-        final = _expect(await self.protocol.send_payload(payload, small=size <= _CHUNK), (250,), "message", hidden)
+        final = _expect(await self.protocol.send_payload(stuffed_chunks(pieces)), (250,), "message", hidden)
         return SubmitResult(code=final.code, text=_redact(final.text, hidden), recipients=tuple(results), queue_id=queue_id_of(final.text))
 
     async def _envelope_in_step(
