@@ -164,18 +164,8 @@ class SessionPool:
         self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: MessageData
     ) -> Deferred[SubmitResult]:
         """Send over a pooled session when one fits, else a fresh one; fail with SmtpFailure only."""
-        return Deferred.fromCoroutine(self._bounded(target, credentials, envelope, message))
-
-    async def _bounded(
-        self, target: SmtpTarget, credentials: Credentials | None, envelope: Envelope, message: MessageData
-    ) -> SubmitResult:
-        """``_submit`` within the target's limit of busy sessions (waits while the target has none free)."""
         limit = self._limit(target)
-        await limit.acquire()  # already fired while the target is under its limit
-        try:
-            return await self._submit(target, credentials, envelope, message)
-        finally:
-            limit.release()
+        return limit.run(lambda: Deferred.fromCoroutine(self._submit(target, credentials, envelope, message)))
 
     def _limit(self, target: SmtpTarget) -> DeferredSemaphore:
         name = (target.host, target.port)
