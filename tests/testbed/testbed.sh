@@ -589,6 +589,18 @@ stop_postfix() {
   alive "$pid" master || return 0
   postfix -c "$PF_ETC" stop < /dev/null >> "$LOG/postfix-start.log" 2>&1 || true
   wait_gone "$pid" master
+  # The master's children inherited its listening sockets and exit only once they notice it is
+  # gone: until then a port may still accept. Bounded at 10 s.
+  local _ port open
+  for _ in $(seq 1 100); do
+    open=""
+    for port in "$PLAIN_PORT" "$SUBMISSION_PORT" "$SMTPS_PORT"; do
+      listening "$port" && open="$port"
+    done
+    [ -z "$open" ] && return 0
+    sleep 0.1
+  done
+  die "postfix stopped, but 127.0.0.1:$open still accepts connections after 10 s"
 }
 
 # ------------------------------------------------------------------------------- commands
