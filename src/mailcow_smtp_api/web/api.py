@@ -181,7 +181,7 @@ class LimitedRequest(server.Request):
 
     def setHeader(self, name: bytes | str, value: bytes | str) -> None:
         """Headers as given, but a neutral ``Server`` (twisted.web would name its version)."""
-        if len(name) == 6 and (name.encode("latin-1") if isinstance(name, str) else name).lower() == b"server":
+        if (name.encode("latin-1") if isinstance(name, str) else name).lower() == b"server":
             value = SERVER_NAME
         super().setHeader(name, value)
 
@@ -212,18 +212,6 @@ class CodedHTTPChannel(http.HTTPChannel):
             self.paused = True
             self._buffer = b""
             self._lingering = Lingering(self.transport, self.callLater)
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        """The status line and headers as one string (twisted.web hands the transport a piece per name,
-        separator and value, each checked on its own); ``Headers`` has sanitized every name and value."""
-        if not isinstance(headers, http.Headers):
-            super().writeHeaders(version, code, reason, headers)
-            return
-        lines = [b"%s %s %s\r\n" % (version, code, reason)]
-        for name, values in headers.getAllRawHeaders():
-            lines.extend(b"%s: %s\r\n" % (name, value) for value in values)
-        lines.append(b"\r\n")
-        self.transport.write(b"".join(lines))  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         """Bytes of the connection; after an early answer they are only counted and dropped."""
