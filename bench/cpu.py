@@ -17,8 +17,9 @@ and prints, per path and scenario, the CPU microseconds per message of the proce
 of postfix with dovecot, their ratio, the sidecar over the floors, and msg/s over direct-reused,
 then the issue's goals with the figures that meet or miss them. ``--ab-base DIR`` instead runs
 two sidecars at once on the same load, one on DIR's ``src`` and one on this tree's, and prints
-the per-message CPU of both (every other repetition with the two places swapped). ``--profile FILE`` samples the CPU time of a sidecar (587 unless
-``--profile-path``) under the first scenario's load with yappi and prints its top entries. Speed is reported, never asserted.
+the per-message CPU of both (every other repetition with the two places swapped). ``--profile
+FILE`` samples the CPU time of a sidecar (587 unless ``--profile-path``) under the first
+scenario's load with yappi and prints its top entries. Speed is reported, never asserted.
 """
 
 from __future__ import annotations
@@ -293,13 +294,13 @@ def floor_lines(rows: Sequence[CpuRow]) -> list[str]:
     lines = []
     for (scenario, path), row in index.items():
         floor = index.get((scenario, "floor-app"))
-        if path in SIDECAR_PATHS and row.vs_floor_app is not None and floor is not None:
-            lines.append(
-                f"  {scenario:12} {path:12} {format_number(row.own_us, 0)} us = {row.vs_floor_app:.2f}x floor-app's "
-                f"{format_number(floor.own_us, 0)} us ({format_number(row.own_us - floor.own_us, 0)} us above it)"
-                if row.own_us is not None and floor.own_us is not None
-                else f"  {scenario:12} {path:12} -"
-            )
+        times = row.vs_floor_app  # known only when both figures are (and the floor's is not zero)
+        if path not in SIDECAR_PATHS or times is None or floor is None or row.own_us is None or floor.own_us is None:
+            continue
+        lines.append(
+            f"  {scenario:12} {path:12} {format_number(row.own_us, 0)} us = {times:.2f}x floor-app's "
+            f"{format_number(floor.own_us, 0)} us ({format_number(row.own_us - floor.own_us, 0)} us above it)"
+        )
     return lines
 
 
