@@ -186,12 +186,14 @@ class Pool:
         return session
 
     def give(self, key: tuple[int, str, str], session: Session) -> None:
-        """Back to the first queued caller, else idle; a broken session is dropped."""
+        """Back to the first queued caller, else idle. A broken session is dropped, and the first
+        queued caller gets a new one in its place (its place under the limit is free now)."""
+        queued = self.queued.get(key)
         if session.lost:
             self.count[key] -= 1
-            return
-        queued = self.queued.get(key)
-        if queued:
+            if queued:
+                Deferred.fromCoroutine(self.take(key)).chainDeferred(queued.popleft())
+        elif queued:
             queued.popleft().callback(session)
         else:
             self.idle[key].append(session)

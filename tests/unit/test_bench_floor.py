@@ -60,3 +60,36 @@ def test_a_lost_session_fails_what_waits() -> None:
         done.result.raiseException()
     done.addErrback(lambda _: None)
     assert session.lost
+
+
+def test_a_caller_queued_behind_a_broken_session_gets_a_new_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """At the limit a caller waits; when the session given back is broken, a new one is opened for it."""
+    from twisted.internet.defer import succeed
+
+    monkeypatch.setattr(floor, "POOL_SIZE", 1)
+    monkeypatch.setattr(floor.Pool, "__init__", lambda self, cafile: _bare_pool(self))
+    pool = floor.Pool("unused")
+    opened: list[floor.Session] = []
+
+    def connect(endpoint: Any, session: floor.Session) -> Deferred[floor.Session]:
+        opened.append(session)
+        return succeed(session)
+
+    async def started(self: floor.Session, tls: Any, login: str, password: str) -> None:
+        return None
+
+    monkeypatch.setattr(floor, "connectProtocol", connect)
+    monkeypatch.setattr(floor.Session, "start", started)
+    key = (10587, "a@example.org", "pw")
+    first: Deferred[Any] = Deferred.fromCoroutine(pool.take(key))
+    waiting: Deferred[Any] = Deferred.fromCoroutine(pool.take(key))
+    assert len(opened) == 1 and not waiting.called
+    session = first.result
+    session.lost = True
+    pool.give(key, session)
+    assert waiting.called and waiting.result is opened[1] and pool.count[key] == 1
+
+
+def _bare_pool(pool: Any) -> None:
+    pool.tls = None
+    pool.idle, pool.count, pool.queued = {}, {}, {}
