@@ -170,6 +170,30 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(self.opener.sessions[0].log, ["send", "send", "rset", "send"])
         self.assertEqual(len(self.opener.sessions), 1)
 
+    def test_transient_refusal_closes_the_session(self) -> None:
+        """A 451 (a failed lookup in that smtpd process, say) at RCPT or after the data: the session
+        is QUIT, not RSET and kept, and the next message goes out on a new connection."""
+        for phase in ("rcpt", "message"):
+            opener = Opener()
+            pool = SessionPool(opener, self.clock)
+            self.successResultOf(pool.submit(TARGET, ALICE, ENV, b"m"))
+            opener.sessions[0].fail_next = SmtpFailure("reply", phase, 451, "4.3.0 Temporary lookup failure")
+            failure = self.failureResultOf(pool.submit(TARGET, ALICE, ENV, b"m"), SmtpFailure)
+            self.assertEqual(failure.value.code, 451)
+            self.assertEqual(opener.sessions[0].log, ["send", "send", "quit"], phase)
+            self.assertEqual(pool.idle, 0)
+            self.successResultOf(pool.submit(TARGET, ALICE, ENV, b"m"))
+            self.assertEqual(len(opener.sessions), 2, phase)
+            self.assertEqual(opener.sessions[1].sent, [b"m"])
+
+    def test_transient_refusal_on_a_fresh_session_closes_it_too(self) -> None:
+        """A new session refused with 450 is not parked either."""
+        opener = Opener(fail_new_with=SmtpFailure("reply", "mail", 450, "4.7.1 try again later"))
+        pool = SessionPool(opener, self.clock)
+        self.failureResultOf(pool.submit(TARGET, ALICE, ENV, b"m"), SmtpFailure)
+        self.assertEqual(opener.sessions[0].log, ["send", "quit"])
+        self.assertEqual(pool.idle, 0)
+
     def test_busy_sessions_per_target_are_bounded(self) -> None:
         """Past max_busy_per_target, sends wait for a session instead of opening more connections."""
         self.opener.pending = []

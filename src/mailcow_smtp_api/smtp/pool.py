@@ -86,6 +86,17 @@ def _retryable(failure: SmtpFailure) -> bool:
     return failure.kind == "reply" and failure.code == 421
 
 
+def _transient(failure: SmtpFailure) -> bool:
+    """A 4xx refusal: the server asks to try later, and often the fault is in the serving process.
+
+    postfix's smtpd keeps a failed table lookup (a sender login map in MariaDB, say) marked down for
+    the map's retry_interval, 60 s by default, and under stress it ends a session at its first
+    error; another smtpd process may be well. Such a session is closed rather than kept, so the next
+    message is not tied to it.
+    """
+    return failure.kind == "reply" and failure.code is not None and 400 <= failure.code < 500
+
+
 class SessionPool:
     """Submits through reused sessions; the same ``submit`` contract as ``smtp.SmtpSubmitter``."""
 
@@ -185,7 +196,7 @@ class SessionPool:
                     result = await entry.session.send(envelope, message)
                 except SmtpFailure as failure:
                     if not _retryable(failure):
-                        await self._after_failure(key, entry)
+                        await self._after_failure(key, entry, failure)
                         raise
                     entry.session.abort()
                     log.info("pooled session to {target} failed before the data ({kind}); retrying once on a new one",
@@ -196,8 +207,8 @@ class SessionPool:
             entry = await self._open(target, credentials)
             try:
                 result = await entry.session.send(envelope, message)
-            except SmtpFailure:
-                await self._after_failure(key, entry)
+            except SmtpFailure as failure:
+                await self._after_failure(key, entry, failure)
                 raise
             self._park(key, entry)
             return result
@@ -229,9 +240,12 @@ class SessionPool:
         now = self._clock.seconds()
         return _Idle(session=session, opened=now, last_used=now)
 
-    async def _after_failure(self, key: PoolKey, entry: _Idle) -> None:
-        """A failed transaction: RSET and keep the session if it is still in step, else close it."""
-        if entry.session.usable:
+    async def _after_failure(self, key: PoolKey, entry: _Idle, failure: SmtpFailure) -> None:
+        """A failed transaction: RSET and keep the session if it is still in step and the refusal was
+        not transient, QUIT it after a 4xx, else close it."""
+        if entry.session.usable and _transient(failure):
+            entry.session.quit()
+        elif entry.session.usable:
             try:
                 await entry.session.reset()
             except SmtpFailure:
