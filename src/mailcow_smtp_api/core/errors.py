@@ -189,6 +189,11 @@ class SmtpFailure(Exception):
         """True when the message may have been accepted: no reply to the final ``.``."""
         return self.phase == "message" and self.kind in ("timeout", "dropped", "protocol")
 
+    @property
+    def refused_for_now(self) -> bool:
+        """True for a 4xx reply: the server asks to try again later."""
+        return self.kind == "reply" and self.code is not None and 400 <= self.code < 500
+
     def __str__(self) -> str:  # never the session transcript
         code = f" {self.code}" if self.code is not None else ""
         return f"SmtpFailure({self.kind} at {self.phase}{code})"
@@ -240,7 +245,7 @@ def smtp_failure_to_api_error(f: SmtpFailure, target: str | None = None) -> ApiE
                 detail=detail,
                 retry_after=RETRY_AFTER_SECONDS,
             )
-        if 400 <= f.code < 500:
+        if f.refused_for_now:
             return ApiError.of(
                 "smtp_error",
                 "the SMTP server refused the message for now; retry later",

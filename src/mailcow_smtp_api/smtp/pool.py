@@ -86,17 +86,6 @@ def _retryable(failure: SmtpFailure) -> bool:
     return failure.kind == "reply" and failure.code == 421
 
 
-def _transient(failure: SmtpFailure) -> bool:
-    """A 4xx refusal: the server asks to try later, and often the fault is in the serving process.
-
-    postfix's smtpd keeps a failed table lookup (a sender login map in MariaDB, say) marked down for
-    the map's retry_interval, 60 s by default, and under stress it ends a session at its first
-    error; another smtpd process may be well. Such a session is closed rather than kept, so the next
-    message is not tied to it.
-    """
-    return failure.kind == "reply" and failure.code is not None and 400 <= failure.code < 500
-
-
 class SessionPool:
     """Submits through reused sessions; the same ``submit`` contract as ``smtp.SmtpSubmitter``."""
 
@@ -241,19 +230,25 @@ class SessionPool:
         return _Idle(session=session, opened=now, last_used=now)
 
     async def _after_failure(self, key: PoolKey, entry: _Idle, failure: SmtpFailure) -> None:
-        """A failed transaction: RSET and keep the session if it is still in step and the refusal was
-        not transient, QUIT it after a 4xx, else close it."""
-        if entry.session.usable and _transient(failure):
-            entry.session.quit()
-        elif entry.session.usable:
-            try:
-                await entry.session.reset()
-            except SmtpFailure:
-                entry.session.abort()
-                return
-            self._park(key, entry)
-        else:
+        """A failed transaction: RSET and keep the session if it is still in step, else close it.
+
+        A session refused for now (4xx) is closed too: postfix's reason is often its smtpd process's
+        own (a failed lookup in a MariaDB map stays marked down there for the map's retry_interval,
+        60 s by default; under stress smtpd ends a session at its first error), and another process
+        may be well, so the next message is not tied to this one.
+        """
+        if not entry.session.usable:
             entry.session.abort()
+            return
+        if failure.refused_for_now:
+            entry.session.quit()
+            return
+        try:
+            await entry.session.reset()
+        except SmtpFailure:
+            entry.session.abort()
+            return
+        self._park(key, entry)
 
     def _park(self, key: PoolKey, entry: _Idle) -> None:
         now = self._clock.seconds()
