@@ -243,12 +243,42 @@ def _fits_7bit_by_patterns(data: bytes) -> bool:
     return lines_short and b"\r" not in data and b"\0" not in data and _OLD_TRAILING_SPACE.search(data) is None
 
 
-@given(st.lists(st.sampled_from([b"a", b" ", b"\t", b"\n", b"\r", b"\0", b"x" * 40, b"\xc3\xa9"]), max_size=60))
+@given(st.lists(st.sampled_from([b"a", b" ", b"\t", b"\n", b"\r", b"\0", b"x" * 38, b"x" * 39, b"x" * 40, b"\xc3\xa9"]), max_size=60))
 def test_the_7bit_decision_is_the_one_the_patterns_give(pieces: list[bytes]) -> None:
     """Short lines, no CR or NUL, no white space at any line's end (or the end): 7bit; the fast
     checks decide as the regular expressions over the whole body would."""
     data = b"".join(pieces)
     assert (transfer_encoding(data) == "7bit") == (data.isascii() and _fits_7bit_by_patterns(data)), data
+
+
+@pytest.mark.parametrize(
+    ("data", "seven_bit"),
+    [
+        (b"", True),
+        (b"x" * 78, True),
+        (b"x" * 79, False),
+        (b"x" * 78 + b"\n", True),
+        (b"x" * 79 + b"\n", False),
+        (b"ok\n" + b"x" * 78 + b"\nok\n", True),
+        (b"ok\n" + b"x" * 79 + b"\nok\n", False),
+        (b"ok\n" + b"x" * 79, False),
+        (b"x" * 77 + b" \nok\n", False),
+        (b"ok\n" + b"x" * 77 + b"\t\nok\n", False),
+        (b"ok\n" + b"x" * 77 + b" ", False),
+        (b"ok \n", False),
+        (b" ok\n", True),
+        (b"\n\n\n", True),
+        (b"\n \n", False),
+        (b"ok\t", False),
+        (b"ok\n\t", False),
+        (b"ok\r\n", False),
+        (b"ok\n\0\n", False),
+    ],
+)
+def test_the_7bit_decision_at_its_edges(data: bytes, seven_bit: bool) -> None:
+    """Lines of 78 and 79 bytes, white space at the end of the first, a middle and the last line."""
+    assert (transfer_encoding(data) == "7bit") is seven_bit
+    assert _fits_7bit_by_patterns(data) is seven_bit
 
 
 @given(st.text(alphabet=st.sampled_from(["a", " ", "\t", "\n", "\r", "\u2003", "\u00a0", "\x1c", "\u200b"]), max_size=12))
