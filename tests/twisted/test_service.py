@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailcow_smtp_api.core.config import from_options
 from mailcow_smtp_api.core.errors import ApiError, SmtpFailure
-from mailcow_smtp_api.service import Caller, SendService
+from mailcow_smtp_api.service import OFFLOAD_BYTES, Caller, SendService
 from mailcow_smtp_api.core.validate import ParsePolicy, parse_request
 
 from .fakes import GOOD_KEY, FakeKeys, FakeLocalAuth, FakeSenders, FakeSubmitter, FakeThrottle
@@ -189,7 +189,7 @@ class OffloadTests(SynchronousTestCase):
     """Large messages are built by the offload function (a worker thread in the real process)."""
 
     def test_large_messages_are_built_off_the_calling_thread(self) -> None:
-        """A message over 64 KiB goes through offload; a small one does not."""
+        """A message over OFFLOAD_BYTES goes through offload; one of 100 KB does not."""
         from twisted.internet.defer import maybeDeferred
 
         service, _, _, submitter, _ = make()
@@ -200,8 +200,8 @@ class OffloadTests(SynchronousTestCase):
             return maybeDeferred(work)
 
         service.offload = offload
-        self.successResultOf(ensureDeferred(service.send(request(), "192.0.2.1")))
-        self.assertEqual(calls, [])
         self.successResultOf(ensureDeferred(service.send(request(body="x" * 100_000), "192.0.2.1")))
+        self.assertEqual(calls, [])
+        self.successResultOf(ensureDeferred(service.send(request(body="x" * (OFFLOAD_BYTES + 1)), "192.0.2.1")))
         self.assertEqual(calls, ["offloaded"])
         self.assertIn(b"xxxx", submitter.sent[-1][3])

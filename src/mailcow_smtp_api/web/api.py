@@ -37,15 +37,13 @@ from ..core.openapi import document as openapi_document
 from ..core.readiness import reason as failure_reason
 from ..core.responses import ItemResult, dry_run_body, error_body, success_body
 from ..core.ratelimit import policy_header, ratelimit_header
-from ..service import Caller, Completion, IdempotentSends, Progress, SendOutcome, SendService
+from ..service import OFFLOAD_BYTES, Caller, Completion, IdempotentSends, Progress, SendOutcome, SendService
 from ..core.rawmime import parse_raw_request
 from ..core.validate import ParsePolicy, decode_body, parse_json_text, parse_request
 
 log = Logger(namespace="smtpapi")
 
 JSON = b"application/json"
-# Bodies larger than this are parsed (JSON, base64) off the reactor thread.
-OFFLOAD_BYTES = 64 * 1024
 MEMORY_BODY = 1024 * 1024  # request bodies up to this size are buffered in memory, larger ones on disk
 # The Server header names no product version (twisted.web would send TwistedWeb/<version>).
 SERVER_NAME = b"mailcow-smtp-api"
