@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import re
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from email.header import decode_header, make_header
 from typing import Any
 
@@ -14,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailcow_smtp_api.core.errors import ApiError
-from mailcow_smtp_api.core.mime import attachment_encoding, blank, transfer_encoding
+from mailcow_smtp_api.core.mime import attachment_encoding, blank, date_header, transfer_encoding
 from mailcow_smtp_api.core.validate import parse_address
 
 from .test_mime import build, request
@@ -285,3 +287,26 @@ def test_the_7bit_decision_at_its_edges(data: bytes, seven_bit: bool) -> None:
 def test_blank_is_not_strip(text: str) -> None:
     """``blank`` answers as ``not text.strip()`` does, Unicode white space included."""
     assert blank(text) == (not text.strip())
+
+
+# --------------------------------------------------------------------------- Date
+
+
+@given(
+    st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1)),
+    st.one_of(st.none(), st.integers(min_value=-14 * 60, max_value=14 * 60).map(lambda m: timezone(timedelta(minutes=m)))),
+)
+def test_the_date_header_is_the_librarys_text(moment: datetime, zone: timezone | None) -> None:
+    """Kept for the second it names, the text is still the library's for every date and zone."""
+    date = moment.replace(tzinfo=zone)
+    assert date_header(date) == f"Date: {format_datetime(date)}\r\n".encode("ascii")
+
+
+def test_one_instant_in_two_zones_keeps_both_texts() -> None:
+    """Equal instants compare equal; a zone's text never answers for another zone's."""
+    utc = datetime(2026, 12, 2, 14, 0, 0, 250_000, tzinfo=timezone.utc)
+    berlin = utc.astimezone(timezone(timedelta(hours=1)))
+    assert utc == berlin
+    assert date_header(utc) == b"Date: Wed, 02 Dec 2026 14:00:00 +0000\r\n"
+    assert date_header(berlin) == b"Date: Wed, 02 Dec 2026 15:00:00 +0100\r\n"
+    assert date_header(utc.replace(microsecond=999_999)) == b"Date: Wed, 02 Dec 2026 14:00:00 +0000\r\n"

@@ -18,11 +18,10 @@ from __future__ import annotations
 import binascii
 import re
 from datetime import datetime
-from email.utils import format_datetime
 from typing import Any, NoReturn
 
 from .errors import ApiError
-from .mime import text_header
+from .mime import date_header, text_header
 from .model import Address, CleanPieces, RawMessage, SendRequest
 from .validate import (
     ParsePolicy,
@@ -126,7 +125,7 @@ def raw_message_data(
     if raw.message_id is None:
         top.append(f"Message-ID: {message_id}\r\n".encode("ascii"))
     if not raw.has_date:
-        top.append(f"Date: {format_datetime(date)}\r\n".encode("ascii"))
+        top.append(date_header(date))
     top.extend(text_header(name, value) for name, value in extra_headers)
     return CleanPieces((b"".join(top), raw.data) if top else (raw.data,))
 
