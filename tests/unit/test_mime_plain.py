@@ -32,11 +32,17 @@ def _request(**fields: Any) -> Any:
     return parse_request(obj)
 
 
-def _both(req: Any) -> tuple[bytes, bytes]:
-    """The library's layout and the direct one, with placeholders of the same token."""
-    library, direct = mime._Placeholders(), mime._Placeholders()
-    direct._token = library._token
-    return mime._library_layout(req, library), mime._plain_text_layout(req, direct)
+def _both(req: Any, extra: tuple[tuple[str, str], ...] = ()) -> tuple[bytes, bytes]:
+    """The whole message laid out by the library and directly (same id, date and extra headers)."""
+    date = mime.datetime(2026, 1, 2, 3, 4, 5)
+    direct = mime.build_message(req, message_id="<m@example.com>", date=date, extra_headers=extra)
+    real = mime._only_plain_text
+    try:
+        mime._only_plain_text = lambda request: False  # type: ignore[assignment]
+        through_library = mime.build_message(req, message_id="<m@example.com>", date=date, extra_headers=extra)
+    finally:
+        mime._only_plain_text = real  # type: ignore[assignment]
+    return through_library, direct
 
 
 @settings(max_examples=400, deadline=None)
@@ -70,11 +76,33 @@ def test_whole_messages_are_the_same_either_way(body: str, subject: str, html: b
     assert mime._only_plain_text(req) == (bool(body.strip()) and not html and not attach)
     if not mime._only_plain_text(req):
         return  # the library path itself (its multipart boundaries are random)
-    built = mime.build_message(req, message_id="<m@example.com>", date=mime.datetime(2026, 1, 2, 3, 4, 5))
-    real = mime._only_plain_text
-    try:
-        mime._only_plain_text = lambda request: False  # type: ignore[assignment]
-        through_library = mime.build_message(req, message_id="<m@example.com>", date=mime.datetime(2026, 1, 2, 3, 4, 5))
-    finally:
-        mime._only_plain_text = real  # type: ignore[assignment]
+    through_library, built = _both(req)
     assert built == through_library
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    body=_body,
+    threaded=st.booleans(),
+    unsubscribe=st.booleans(),
+    custom=st.dictionaries(st.sampled_from(["X-Campaign", "X-Mailer", "Keywords"]), st.text(min_size=1, max_size=90), max_size=2),
+)
+def test_identity_and_extra_headers_sit_where_the_library_puts_them(
+    body: str, threaded: bool, unsubscribe: bool, custom: dict[str, str]
+) -> None:
+    """Threading, unsubscribe, the caller's and the service's headers: the same bytes either way."""
+    fields: dict[str, Any] = {"body": body, "headers": custom}
+    if threaded:
+        fields["in_reply_to"] = "<parent@example.com>"
+        fields["references"] = ["<root@example.com>", "<parent@example.com>"]
+    if unsubscribe:
+        fields["list_unsubscribe"] = {"url": "https://example.com/u?id=1", "mailto": "u@example.com"}
+    try:
+        req = _request(**fields)
+    except ApiError:
+        return
+    if not mime._only_plain_text(req):
+        return
+    through_library, built = _both(req, (("X-Request-Id", "0123456789abcdef"),))
+    assert built == through_library
+    assert b"List-Unsubscribe" in built if unsubscribe else b"List-Unsubscribe" not in built

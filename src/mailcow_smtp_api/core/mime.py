@@ -216,17 +216,20 @@ def blank(text: str) -> bool:
     return not text or text.isspace()
 
 
-def _plain_text_layout(request: SendRequest, holes: _Placeholders) -> bytes:
+def _plain_text_message(top: bytes, request: SendRequest, message_id: str) -> CleanPieces:
     """What the email library generates for a message that is one text/plain part, written directly.
 
-    The library stores these headers as given (``set_raw``) and, as each is shorter than a line,
-    writes each as ``Name: value`` and CRLF; then the empty line and the body's stand-in. Only
-    used where ``_only_plain_text`` holds; tests compare its bytes with the library's for any
-    such request.
+    The library stores the part's headers as given (``set_raw``) and, as each is shorter than a
+    line, writes each as ``Name: value`` and CRLF; the identity headers follow them, then the
+    empty line and the encoded body (no stand-in to splice: the body is the last piece). Only
+    used where ``_only_plain_text`` holds; tests compare its bytes with the library path's for
+    any such request.
     """
-    marker, cte = _text_body(request.body, holes)
-    head = "".join(f"{name}: {value}\r\n" for name, value in _text_headers(cte, "plain", True))
-    return (head + "\r\n" + marker.replace("\n", "\r\n")).encode("ascii")
+    value = _ensure_final_newline(request.body)
+    cte = _text_cte(value)
+    head = "".join(f"{name}: {value}\r\n" for name, value in _text_headers(cte, "plain", True)).encode("ascii")
+    identity = b"".join(fold_items(name, items, separator) for name, items, separator in identity_headers(request, message_id))
+    return CleanPieces((top + head + identity + b"\r\n", encode_text(value, cte)))
 
 
 def _library_layout(request: SendRequest, holes: _Placeholders) -> bytes:
@@ -434,7 +437,6 @@ def build_message_parts(
     An attachment's base64 text is its own run of pieces (about 78 KB each), so the message never
     exists as one more copy of itself: its size in memory is the sum of the pieces.
     """
-    holes = _Placeholders()
     top: list[bytes] = []
     for name, group in (
         ("From", (request.sender,)),
@@ -451,8 +453,10 @@ def build_message_parts(
     # The email library lays out the MIME structure and its headers; the fields above are
     # written here, where none of them is folded right after its colon. A message of one
     # text/plain part gets the library's bytes without the library (a third of its build time).
-    layout = _plain_text_layout if _only_plain_text(request) else _library_layout
-    data = b"".join(top) + layout(request, holes)
+    if _only_plain_text(request):
+        return _plain_text_message(b"".join(top), request, message_id)
+    holes = _Placeholders()
+    data = b"".join(top) + _library_layout(request, holes)
     return holes.splice(_insert_headers(data, identity_headers(request, message_id)))
 
 
