@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailcow_smtp_api.core.config import from_options
-from mailcow_smtp_api.service import SendService
+from mailcow_smtp_api.service import OFFLOAD_BYTES, SendService
 from mailcow_smtp_api.web.api import SmtpApi, shield
 
 from .fakes import GOOD_KEY, FakeKeys, FakeSenders, FakeSubmitter, FakeThrottle
@@ -50,7 +50,16 @@ class WebTests(SynchronousTestCase):
 
             return succeed(None) if self.ready[0] else fail(RuntimeError("down"))
 
-        self.client = StubTreq(SmtpApi(service=service, ready_checks=(("database", db_ping),)).resource())
+        self.offloaded: list[str] = []
+
+        def offload(work: Any) -> Deferred[Any]:
+            from twisted.internet.defer import maybeDeferred
+
+            self.offloaded.append("work")
+            return maybeDeferred(work)
+
+        api = SmtpApi(service=service, ready_checks=(("database", db_ping),), offload=offload)
+        self.client = StubTreq(api.resource())
 
     def call(self, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
         hdrs = {"Content-Type": "application/json", "X-API-Key": GOOD_KEY}
@@ -71,6 +80,14 @@ class WebTests(SynchronousTestCase):
         self.assertEqual(body[0]["log"][2]["request_id"], request_id)
         self.assertEqual(len(self.submitter.sent), 1)
         self.assertNotIn("mailbox-secret-pw", json.dumps(body))
+
+    def test_only_requests_past_the_offload_size_are_parsed_in_a_worker(self) -> None:
+        """A 100 KB request is parsed on the calling thread; one past OFFLOAD_BYTES by the offload function."""
+        code, _, _ = self.call("POST", URL, {**EXAMPLE, "body": "a line of text\n" * 6_700})
+        self.assertEqual((code, self.offloaded), (200, []))
+        code, _, _ = self.call("POST", URL, {**EXAMPLE, "body": "a line of text\n" * (OFFLOAD_BYTES // 15 + 1)})
+        self.assertEqual((code, self.offloaded), (200, ["work"]))
+        self.assertEqual(len(self.submitter.sent), 2)
 
     def test_wrong_key_is_mailcow_401_before_parsing(self) -> None:
         """A bad key answers mailcow's bare 401 even when the body is garbage."""
