@@ -225,11 +225,11 @@ def _plain_text_message(top: bytes, request: SendRequest, message_id: str) -> Cl
     used where ``_only_plain_text`` holds; tests compare its bytes with the library path's for
     any such request.
     """
-    value = _ensure_final_newline(request.body)
-    cte = _text_cte(value)
+    text = _ensure_final_newline(request.body)
+    cte = _text_cte(text)
     head = "".join(f"{name}: {value}\r\n" for name, value in _text_headers(cte, "plain", True)).encode("ascii")
     identity = b"".join(fold_items(name, items, separator) for name, items, separator in identity_headers(request, message_id))
-    return CleanPieces((top + head + identity + b"\r\n", encode_text(value, cte)))
+    return CleanPieces((top + head + identity + b"\r\n", encode_text(text, cte)))
 
 
 def _library_layout(request: SendRequest, holes: _Placeholders) -> bytes:
