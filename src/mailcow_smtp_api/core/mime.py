@@ -228,7 +228,7 @@ def _plain_text_message(top: bytes, request: SendRequest, message_id: str) -> Cl
     text = _ensure_final_newline(request.body)
     cte = _text_cte(text)
     head = "".join(f"{name}: {value}\r\n" for name, value in _text_headers(cte, "plain", True)).encode("ascii")
-    identity = b"".join(fold_items(name, items, separator) for name, items, separator in identity_headers(request, message_id))
+    identity = _folded_headers(identity_headers(request, message_id))
     return CleanPieces((top + head + identity + b"\r\n", encode_text(text, cte)))
 
 
@@ -604,13 +604,15 @@ def fold_items(name: str, items: tuple[str, ...], separator: str, width: int = 7
     return "\r\n".join(lines).encode("ascii") + b"\r\n"
 
 
-def _insert_headers(
-    data: bytes, headers: list[tuple[str, tuple[str, ...], str]], encoded: Sequence[bytes] = ()
-) -> bytes:
-    """Add pre-folded header lines (and already encoded ones) at the end of the top-level header block."""
+def _folded_headers(headers: list[tuple[str, tuple[str, ...], str]]) -> bytes:
+    """(name, items, separator) headers as their folded lines (``fold_items``), one after another."""
+    return b"".join(fold_items(name, items, separator) for name, items, separator in headers)
+
+
+def _insert_headers(data: bytes, headers: list[tuple[str, tuple[str, ...], str]]) -> bytes:
+    """Add folded header lines at the end of the top-level header block."""
     end = data.index(b"\r\n\r\n") + 2
-    block = b"".join(encoded) + b"".join(fold_items(name, items, separator) for name, items, separator in headers)
-    return data[:end] + block + data[end:]
+    return data[:end] + _folded_headers(headers) + data[end:]
 
 
 _ANY_EOL = re.compile(rb"\r\n|\r|\n")
