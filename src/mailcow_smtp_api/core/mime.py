@@ -201,9 +201,9 @@ def _set_text(part: MIMEPart, marker: str, cte: str, subtype: str, top: bool = T
 
 def _text_body(value: str, holes: _Placeholders) -> tuple[str, str]:
     """A body text's stand-in (with a final line end) and its transfer encoding."""
-    value = _ensure_final_newline(value)
-    cte = _text_cte(value)
-    return holes.text(value, cte), cte
+    data = _lf_utf8(_ensure_final_newline(value))
+    cte = transfer_encoding(data)
+    return holes.text(data, cte), cte
 
 
 def _only_plain_text(request: SendRequest) -> bool:
@@ -225,11 +225,11 @@ def _plain_text_message(top: bytes, request: SendRequest, message_id: str) -> Cl
     used where ``_only_plain_text`` holds; tests compare its bytes with the library path's for
     any such request.
     """
-    text = _ensure_final_newline(request.body)
-    cte = _text_cte(text)
+    data = _lf_utf8(_ensure_final_newline(request.body))
+    cte = transfer_encoding(data)
     head = "".join(f"{name}: {value}\r\n" for name, value in _text_headers(cte, "plain", True)).encode("ascii")
     identity = _folded_headers(identity_headers(request, message_id))
-    return CleanPieces((top + head + identity + b"\r\n", encode_text(text, cte)))
+    return CleanPieces((top + head + identity + b"\r\n", encode_text(data, cte)))
 
 
 def _library_layout(request: SendRequest, holes: _Placeholders) -> bytes:
@@ -282,12 +282,10 @@ def _fits_7bit(data: bytes) -> bool:
     return _LONG_OR_BLANK_ENDED_LINE.search(data) is None
 
 
-def _text_cte(text: str) -> str:
-    """The transfer encoding of a body part holding ``text`` (see ``transfer_encoding``)."""
+def _lf_utf8(text: str) -> bytes:
+    """``text`` in UTF-8 with every line end (CRLF, CR or LF) one LF, as the email library reads a text part."""
     data = text.encode("utf-8")
-    if b"\r" in data:
-        data = _ANY_EOL.sub(b"\n", data)
-    return transfer_encoding(data)
+    return _ANY_EOL.sub(b"\n", data) if b"\r" in data else data
 
 
 def _ensure_final_newline(text: str) -> str:
@@ -310,11 +308,11 @@ class _Placeholders:
     def _marker(self, kind: str) -> str:
         return f"smtpapi-{kind}-{len(self._bodies)}-{self._token}"
 
-    def text(self, text: str, cte: str) -> str:
-        """A stand-in for ``text``, to be sent as ``cte`` (7bit, quoted-printable or base64)."""
+    def text(self, data: bytes, cte: str) -> str:
+        """A stand-in for a body text's ``data`` (``_lf_utf8``), to be sent as ``cte`` (see ``encode_text``)."""
         marker = self._marker("text")
         # An ASCII word needs no transfer encoding: the library writes the marker as it is.
-        self._bodies.append((marker.encode("ascii"), lambda: [encode_text(text, cte)]))
+        self._bodies.append((marker.encode("ascii"), lambda: [encode_text(data, cte)]))
         return marker + "\n"
 
     def text_bytes(self, content: bytes, cte: str) -> bytes:
@@ -480,15 +478,13 @@ def base64_blocks(content: bytes) -> list[bytes]:
     ]
 
 
-def encode_text(text: str, cte: str) -> bytes:
-    """A text part's body as sent: UTF-8, as 7bit or quoted-printable, CRLF line ends, a final CRLF.
+def encode_text(data: bytes, cte: str) -> bytes:
+    """A text part's body as sent: ``data`` (``_lf_utf8``: UTF-8, LF line ends) as 7bit,
+    quoted-printable or base64, CRLF line ends, a final CRLF.
 
-    Any line end (CRLF, CR or LF) becomes one CRLF, as the email library does for text parts.
-    Quoted-printable lines stay under 77 octets with soft breaks (RFC 2045 6.7).
+    Each line end becomes one CRLF, as the email library does for text parts. Quoted-printable
+    lines stay under 77 octets with soft breaks (RFC 2045 6.7).
     """
-    data = text.encode("utf-8")
-    if b"\r" in data:
-        data = _ANY_EOL.sub(b"\n", data)
     if cte == "base64":
         # RFC 2045 6.8: text is encoded in its canonical form, with CRLF line ends.
         return b"".join(base64_blocks(data.replace(b"\n", b"\r\n")))
