@@ -40,4 +40,8 @@ ensure_venv() {  # ensure_venv EXTRAS ("" or "[test]")
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --constraint "$pins" -e "$ROOT$1" >&2
     touch "$stamp"
   fi
+  # The package is installed in place (-e), so pip compiled none of it: without bytecode on disk,
+  # every start of the service (and of each one the tests start) compiles its modules again,
+  # about 0.2 s, where PYTHONDONTWRITEBYTECODE keeps Python from caching them itself.
+  "$VENV/bin/python" -m compileall -q "$ROOT/src" >&2
 }

@@ -767,7 +767,7 @@ def start_sidecar(testbed: Testbed, directory: Path, name: str, *extra: str, env
         if time.monotonic() >= deadline:
             running.stop()
             _fail(f"the service did not answer GET /healthz within {SIDECAR_START_TIMEOUT} s:\n{running.log_text()}")
-        time.sleep(0.1)
+        time.sleep(0.02)
     return running
 
 
