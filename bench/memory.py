@@ -9,6 +9,9 @@ attachment has ``--size-mb`` MiB of random bytes and reports:
 - the sidecar's resident memory before the request (VmRSS) and its peak during it (VmHWM, reset to
   the current RSS just before the request by writing 5 to /proc/<pid>/clear_refs);
 - the growth (peak minus before) as a multiple of the attachment's size;
+- the sidecar's resident memory one second after its answer (what it keeps of the peak once the
+  message is gone; the allocator keeps up to 32 MiB of freed memory for reuse, see
+  ``tap.keep_freed_memory``);
 - the same for a direct ``smtplib`` sender in this process (building the message with the standard
   library and sending it over one STARTTLS session), measured the same way, as the baseline;
 - the wall time of each.
@@ -124,7 +127,10 @@ def measure_sidecar(bench: Any, content: bytes, smtp_port: int) -> dict[str, Any
         _, peak = memory_kb(pid)
         if status != 200:
             raise SystemExit(f"bench: the large send failed: {status} {json.dumps(answer)[:500]}")
-    return {"status": status, "seconds": seconds, **growth(before, peak, len(content))}
+        del body
+        time.sleep(1.0)
+        after, _ = memory_kb(pid)
+    return {"status": status, "seconds": seconds, **growth(before, peak, len(content)), "after_mib": after / 1024}
 
 
 def measure_direct(bench: Any, content: bytes) -> dict[str, Any]:
@@ -189,11 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if bench.started_bed:
                 run_testbed_script(directory, "stop")
     print(f"attachment: {size / MB:.1f} MiB of random bytes, one recipient")
-    print(f"{'path':10} {'RSS before':>11} {'peak':>9} {'growth':>9} {'x size':>7} {'seconds':>8}")
+    print(f"{'path':10} {'RSS before':>11} {'peak':>9} {'growth':>9} {'x size':>7} {'seconds':>8} {'RSS after':>10}")
     for name, figures in (("sidecar", sidecar), ("smtplib", direct)):
+        after = f"{figures['after_mib']:8.1f} M" if "after_mib" in figures else f"{'-':>10}"
         print(
             f"{name:10} {figures['before_mib']:9.1f} M {figures['peak_mib']:7.1f} M "
-            f"{figures['growth_mib']:7.1f} M {figures['x_size']:7.2f} {figures['seconds']:8.2f}"
+            f"{figures['growth_mib']:7.1f} M {figures['x_size']:7.2f} {figures['seconds']:8.2f} {after}"
         )
     if options.json:
         Path(options.json).write_text(json.dumps({"size": size, "sidecar": sidecar, "smtplib": direct}, indent=2))

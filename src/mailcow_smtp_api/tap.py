@@ -180,6 +180,40 @@ def text_logger() -> Any:
     return text_observer(sys.stdout)
 
 
+# glibc's mallopt parameters (malloc.h) and the environment variables that set them at start.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+KEEP_FREED_BYTES = 32 * 1024 * 1024
+
+
+def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
+    """Have glibc's allocator reuse memory of large messages instead of asking the kernel each time.
+
+    By default glibc maps every allocation over 128 KiB (later: over the largest one freed) fresh
+    from the kernel and returns it when freed, and gives the heap's free top back beyond twice
+    that. A message of megabytes is held in several copies on its way (the JSON text, the body,
+    its encoded bytes), each one fresh pages that the kernel must fault in and zero: on a VM that
+    cost more than building the message itself (a 5 MB text body: 28-33 ms to build, 13-16 ms
+    with memory up to ``limit`` kept and reused). Freed memory up to ``limit`` bytes stays with the
+    process; larger allocations are still mapped and returned at once. Nothing is done where an
+    operator set one of glibc's MALLOC_* variables, or where the C library is not glibc. Returns
+    whether the limits were set.
+    """
+    import ctypes
+    import os
+
+    if any(name in os.environ for name in _MALLOC_VARIABLES):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -531,6 +565,7 @@ class SmtpApiServiceMaker:
         """Build the service tree with the running reactor."""
         from twisted.internet import reactor
 
+        keep_freed_memory()
         return build_service(options.config, reactor)
 
 

@@ -1,0 +1,69 @@
+"""tap.keep_freed_memory: large messages reuse freed memory instead of fresh pages from the kernel.
+
+Each case runs in a child interpreter: the allocator's limits are per process and cannot be
+undone. Page faults (``ru_minflt``) are counted, not times: the count is exact and the same on
+a busy machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Builds a 5 MiB text the way a large body goes through the service (the text, a copy with a
+# final line end, its UTF-8 bytes, the line ends widened), once to warm up, then five times,
+# and prints what keep_freed_memory answered and the page faults per round.
+CHILD = """
+import resource, sys
+from mailcow_smtp_api.tap import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+
+def build():
+    text = "line of a large body\\n" * (5 * 1024 * 1024 // 21)
+    data = (text + "\\n").encode("utf-8")
+    return len(data.replace(b"\\n", b"\\r\\n"))
+
+build()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    build()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
+"""
+
+PAGES_OF_ONE_COPY = 5 * 1024 * 1024 // 4096
+
+
+def run_child(mode: str, **env: str) -> tuple[str, int]:
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    child_env.update(env)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, mode], capture_output=True, text=True, timeout=60, env=child_env, check=True
+    )
+    kept, faults = done.stdout.split()
+    return kept, int(faults)
+
+
+glibc = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION")), reason="the limits are glibc's"
+)
+
+
+@glibc
+def test_with_the_limits_a_large_body_faults_in_no_fresh_pages() -> None:
+    """By default each round maps its copies fresh (thousands of faults); kept, it reuses them."""
+    kept, faults = run_child("keep")
+    assert kept == "True"
+    assert faults < PAGES_OF_ONE_COPY // 10, faults
+    default, default_faults = run_child("default")
+    assert default == "None"
+    assert default_faults > PAGES_OF_ONE_COPY, default_faults
+
+
+@glibc
+def test_an_operators_malloc_setting_is_left_alone() -> None:
+    """With one of glibc's MALLOC_* variables set, the service sets nothing itself."""
+    kept, _ = run_child("keep", MALLOC_TRIM_THRESHOLD_="131072")
+    assert kept == "False"
