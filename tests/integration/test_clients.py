@@ -98,8 +98,15 @@ class Service:
     state: Path
 
     def outbox_rows(self) -> int:
-        """How many messages the outbox holds or has a status record of."""
+        """How many messages the outbox holds or has a status record of.
+
+        The service makes its tables on the first use of the state database (its outbox's first
+        poll, or the first send), which may come after /healthz answers: no table holds none.
+        """
         with sqlite3.connect(self.state) as connection:
+            made = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'smtpapi_outbox'")
+            if made.fetchone() is None:
+                return 0
             return int(connection.execute("SELECT COUNT(*) FROM smtpapi_outbox").fetchone()[0])
 
     @property
