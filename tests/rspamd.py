@@ -120,9 +120,39 @@ def write_config(directory: Path, port: int) -> Path:
     return conf / "rspamd.conf"
 
 
-@contextmanager
-def running_rspamd() -> Iterator[Rspamd]:
-    """Start rspamd in the foreground, wait (bounded) until it answers, stop it afterwards."""
+@dataclass
+class Starting:
+    """An rspamd process that was started and may not answer yet."""
+
+    process: subprocess.Popen[bytes]
+    daemon: Rspamd
+    started: float  # time.monotonic() at the start
+
+    def wait(self) -> Rspamd:
+        """The daemon once it answers (at most START_TIMEOUT s after it was started)."""
+        deadline = self.started + START_TIMEOUT
+        while not self.daemon.ping():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"rspamd exited with status {self.process.returncode}:\n{self.daemon.log_tail()}")
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"rspamd did not answer within {START_TIMEOUT} s:\n{self.daemon.log_tail()}")
+            time.sleep(0.2)
+        return self.daemon
+
+    def stop(self) -> None:
+        """SIGTERM (SIGKILL after 15 s) and remove its folder."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(15)
+        shutil.rmtree(self.daemon.directory, ignore_errors=True)
+
+
+def start_rspamd() -> Starting:
+    """Start rspamd in the foreground on a free loopback port, without waiting for it."""
     binary = shutil.which("rspamd")
     if binary is None:
         raise RuntimeError("rspamd is not installed (scripts/test.sh installs Debian's rspamd package)")
@@ -134,22 +164,38 @@ def running_rspamd() -> Iterator[Rspamd]:
         argv.append(f"--var={name}={directory / folder}")
     with open(directory / "stdout.log", "wb") as output:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
-    daemon = Rspamd(port=port, directory=directory)
+    return Starting(process=process, daemon=Rspamd(port=port, directory=directory), started=time.monotonic())
+
+
+# A cold start is 15-20 s of one core (hyperscan compiling rspamd's URL patterns), so a test
+# session that will need rspamd starts it once its tests are collected (tests/integration/
+# conftest.py), and the start runs beside the tests before them.
+_early: Starting | None = None
+
+
+def start_early() -> None:
+    """Start the rspamd that the next ``running_rspamd`` will use."""
+    global _early
+    if _early is None:
+        _early = start_rspamd()
+
+
+def stop_early() -> None:
+    """Stop an rspamd started early that no ``running_rspamd`` took (a session cut short)."""
+    global _early
+    starting, _early = _early, None
+    if starting is not None:
+        starting.stop()
+
+
+@contextmanager
+def running_rspamd() -> Iterator[Rspamd]:
+    """An answering rspamd (the one started early, else a new one), stopped afterwards."""
+    global _early
+    starting, _early = _early, None
+    if starting is None:
+        starting = start_rspamd()
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not daemon.ping():
-            if process.poll() is not None:
-                raise RuntimeError(f"rspamd exited with status {process.returncode}:\n{daemon.log_tail()}")
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"rspamd did not answer within {START_TIMEOUT} s:\n{daemon.log_tail()}")
-            time.sleep(0.2)
-        yield daemon
+        yield starting.wait()
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(15)
-        shutil.rmtree(directory, ignore_errors=True)
+        starting.stop()

@@ -1372,3 +1372,24 @@ class KeepAliveClient:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+# ------------------------------------------------------------------------------ rspamd, early
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start rspamd as soon as the session is known to need it (tests/rspamd.py, ``start_early``)."""
+    if any(getattr(getattr(item, "module", None), "__name__", "").endswith(".test_rspamd") for item in session.items):
+        from ..rspamd import start_early
+
+        try:
+            start_early()
+        except (OSError, RuntimeError, KeyError):
+            pass  # not installed, or no rspamd user: the tests' own start says why
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An rspamd started early and never used is stopped with the session."""
+    from ..rspamd import stop_early
+
+    stop_early()
