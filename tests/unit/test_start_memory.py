@@ -1,8 +1,9 @@
-"""tap.keep_freed_memory: large messages reuse freed memory instead of fresh pages from the kernel.
+"""What the start does to the process's memory: the allocator's limits and the collector.
 
-Each case runs in a child interpreter: the allocator's limits are per process and cannot be
-undone. Page faults (``ru_minflt``) are counted, not times: the count is exact and the same on
-a busy machine.
+``tap.keep_freed_memory``: large messages reuse freed memory instead of fresh pages from the
+kernel. ``makeService``: the objects of the start are left out of later collections. Each case
+runs in a child interpreter: both are per process and cannot be undone. Page faults
+(``ru_minflt``) are counted, not times: the count is exact and the same on a busy machine.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +69,27 @@ def test_an_operators_malloc_setting_is_left_alone() -> None:
     """With one of glibc's MALLOC_* variables set, the service sets nothing itself."""
     kept, _ = run_child("keep", MALLOC_TRIM_THRESHOLD_="131072")
     assert kept == "False"
+
+
+MAKE_SERVICE = """
+import gc, sys
+from mailcow_smtp_api.tap import Options, SmtpApiServiceMaker
+options = Options()
+options.parseOptions(["--db", "sqlite:" + sys.argv[1], "--listen", "tcp:0:interface=127.0.0.1"])
+before = gc.get_freeze_count()
+SmtpApiServiceMaker().makeService(options)
+print(before, gc.get_freeze_count(), gc.isenabled(), gc.get_threshold()[0] > 0)
+"""
+
+
+def test_the_objects_of_the_start_are_left_out_of_later_collections(tmp_path: Path) -> None:
+    """After makeService the collector runs again, and what the start made is frozen."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPAPI_")}
+    done = subprocess.run(
+        [sys.executable, "-c", MAKE_SERVICE, str(tmp_path / "state.sqlite")],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path, check=True,
+    )  # fmt: skip
+    before, frozen, enabled, threshold = done.stdout.split()
+    assert before == "0"
+    assert int(frozen) > 50_000, frozen  # the modules, classes and functions of the whole service
+    assert enabled == "True" and threshold == "True"
