@@ -554,9 +554,11 @@ def _raise_connection_limit(cursor: Any) -> None:
 def revive_shared_mariadb() -> None:
     """Start the shared MariaDB again if it stopped answering during the session.
 
-    The server itself can crash under the load tests (MariaDB 10.11 was seen to segfault once).
-    The test that was running then fails on its own; without this every test after it would
-    fail too, hiding which one it was. A warning names the event in the session's summary.
+    The server itself can crash under the load tests (MariaDB 10.11 was seen to segfault on
+    postfix's sender-login query). The test that was running then fails on its own; without this
+    every test after it would fail too, hiding which one it was: the bed's dovecot and postfix
+    are made to connect again at once (``testbed.sh reconnect``), not after dovecot's back-off. A
+    warning names the event in the session's summary.
     """
     try:
         pymysql.connect(host=DB_HOST, port=DB_PORT, user="root", connect_timeout=2).close()
@@ -568,6 +570,9 @@ def revive_shared_mariadb() -> None:
     subprocess.run(["bash", str(script), "ensure"], capture_output=True, timeout=120, check=False)
     with _root_connection() as connection, connection.cursor() as cursor:
         _raise_connection_limit(cursor)
+    directory = testbed_dir()
+    if (directory / "dovecot" / "run" / "master.pid").exists():
+        run_testbed_script(directory, "reconnect")
 
 
 def create_database() -> None:

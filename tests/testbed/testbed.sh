@@ -2,7 +2,7 @@
 # testbed.sh - a mailcow-like postfix + dovecot on loopback, reading mailcow's MariaDB schema.
 #
 # Usage: testbed.sh install | start | stop | status | restart-postfix | stop-postfix |
-#                   start-postfix | clear-messages | route-defer closed|sink
+#                   start-postfix | clear-messages | route-defer closed|sink | reconnect
 #
 # The bed mirrors postfix-mailcow and dovecot-mailcow closely enough that the send API and the
 # real postfix can be compared on the same data:
@@ -707,6 +707,17 @@ cmd_route_defer() {
   postqueue -c "$PF_ETC" -f >> "$LOG/postfix-start.log" 2>&1 || die "postqueue -f failed"
 }
 
+# After the shared MariaDB was restarted (it can crash under load): dovecot's auth workers wait
+# out a growing back-off before they connect again, and postfix's lookups may hold a dead
+# connection; dovecot starts afresh and postfix reloads, so both connect to the new server.
+cmd_reconnect() {
+  prepare
+  alive "$(dovecot_pid)" dovecot || die "dovecot is not running"
+  DOVECOT_CHANGED+=reconnect
+  start_dovecot
+  start_postfix
+}
+
 case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start ;;
@@ -717,5 +728,6 @@ case "${1:-}" in
   start-postfix) cmd_start_postfix ;;
   clear-messages) cmd_clear_messages ;;
   route-defer) cmd_route_defer "${2:-}" ;;
+  reconnect) cmd_reconnect ;;
   *) sed -n '4,5p' "$0" >&2; exit 2 ;;
 esac
