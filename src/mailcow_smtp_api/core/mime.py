@@ -201,8 +201,7 @@ def _set_text(part: MIMEPart, marker: str, cte: str, subtype: str, top: bool = T
 
 def _text_body(value: str, holes: _Placeholders) -> tuple[str, str]:
     """A body text's stand-in (with a final line end) and its transfer encoding."""
-    data = _lf_utf8(_ensure_final_newline(value))
-    cte = transfer_encoding(data)
+    data, cte = _body_text(value)
     return holes.text(data, cte), cte
 
 
@@ -225,8 +224,7 @@ def _plain_text_message(top: bytes, request: SendRequest, message_id: str) -> Cl
     used where ``_only_plain_text`` holds; tests compare its bytes with the library path's for
     any such request.
     """
-    data = _lf_utf8(_ensure_final_newline(request.body))
-    cte = transfer_encoding(data)
+    data, cte = _body_text(request.body)
     head = "".join(f"{name}: {value}\r\n" for name, value in _text_headers(cte, "plain", True)).encode("ascii")
     identity = _folded_headers(identity_headers(request, message_id))
     return CleanPieces((top + head + identity + b"\r\n", encode_text(data, cte)))
@@ -280,6 +278,12 @@ def _fits_7bit(data: bytes) -> bool:
     if first > 78 or data[first - 1 : first] in (b" ", b"\t"):
         return False
     return _LONG_OR_BLANK_ENDED_LINE.search(data) is None
+
+
+def _body_text(text: str) -> tuple[bytes, str]:
+    """A body text's bytes (``_lf_utf8``, with a final line end) and its transfer encoding."""
+    data = _lf_utf8(_ensure_final_newline(text))
+    return data, transfer_encoding(data)
 
 
 def _lf_utf8(text: str) -> bytes:
