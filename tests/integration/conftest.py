@@ -570,9 +570,8 @@ def revive_shared_mariadb() -> None:
     subprocess.run(["bash", str(script), "ensure"], capture_output=True, timeout=120, check=False)
     with _root_connection() as connection, connection.cursor() as cursor:
         _raise_connection_limit(cursor)
-    directory = testbed_dir()
-    if (directory / "dovecot" / "run" / "master.pid").exists():
-        run_testbed_script(directory, "reconnect")
+    # Every caller holds the running bed (the testbed fixture).
+    run_testbed_script(testbed_dir(), "reconnect")
 
 
 def create_database() -> None:
